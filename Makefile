@@ -1,0 +1,40 @@
+# The two commands a newcomer needs are `make run` and `make test` (README). Both create or reuse
+# the virtualenv in $(VENV); pass VENV=/path/to/venv to reuse one you already have.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.weak2full-installed
+PARAMS ?=
+
+.PHONY: run test test-fast bench repro results push clean-outputs
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch first and alone: pip takes the pinned build from this machine's disk.
+	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
+	$(PY) -m pip install -q -e '.[test]'
+	@touch $(STAMP)
+
+# Make the checkout a git + DVC repo when it is not one (a tarball, say), then run the chain.
+run: $(STAMP)
+	@git rev-parse --is-inside-work-tree >/dev/null 2>&1 || (git init -q && git add -A && git -c user.name=weak2full -c user.email=weak2full@localhost commit -qm "initial checkout")
+	@test -d .dvc || $(VENV)/bin/dvc init -q
+	PATH="$(abspath $(VENV))/bin:$$PATH" dvc repro
+	@$(PY) -m weak2full results
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow"
+
+bench: $(STAMP)
+	$(PY) -m pip install -q -e '.[bench]'
+	$(PY) bench/run_all.py
+
+results: $(STAMP)
+	@$(PY) -m weak2full results
+
+# `make push REMOTE=name`: send DVC-tracked outputs (models, datasets, pseudo-labels) to a remote.
+push: $(STAMP)
+	PATH="$(abspath $(VENV))/bin:$$PATH" dvc push $(if $(REMOTE),-r $(REMOTE),)

@@ -1,0 +1,339 @@
+"""The one schema for ``params.yaml``.
+
+Every stage starts with :func:`load_params`, which validates the *whole* file, so an unknown key, a wrong
+type or an impossible value is reported before any work is done, naming the key (sklearn's wording:
+"The 'pseudo_masks.crf.compat' parameter must be ... Got ... instead."). Sections mirror the DVC stage
+names; ``dvc.yaml`` declares, per stage, exactly the dotted keys that stage reads.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from weak2full.errors import InvalidParameterError
+
+__all__ = [
+    "Params",
+    "load_params",
+    "CommonParams",
+    "DataParams",
+    "SyntheticParams",
+    "InputParams",
+    "TrainParams",
+    "AugmentParams",
+    "ClassifierParams",
+    "BaselineParams",
+    "CamsParams",
+    "CRFParams",
+    "CalibrationParams",
+    "PseudoMaskParams",
+    "SegmenterParams",
+    "OracleParams",
+    "EvaluateParams",
+    "ExportParams",
+]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+Window = tuple[float, float]  # (level, width) in HU
+
+
+def _check_window(w: Window) -> Window:
+    if w[1] <= 0:
+        raise ValueError(f"a window is [level, width] with width > 0, got {list(w)}")
+    return w
+
+
+# --------------------------------------------------------------------------------------------- common
+
+
+class CommonParams(_Section):
+    seed: int = Field(0, ge=0)
+    # auto: CUDA when available, else CPU. Tests and the determinism contract use the CPU.
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    # Which image-level classes the weak chain learns and scores. `any` is the union of all bleeds.
+    classes: list[str] = Field(default_factory=lambda: ["any"], min_length=1)
+    # python: one process; torchrun: `torchrun --nproc_per_node nproc` for the training stages.
+    launcher: Literal["python", "torchrun"] = "python"
+    nproc: int = Field(1, ge=1)
+
+
+# ----------------------------------------------------------------------------------------------- data
+
+
+class SyntheticParams(_Section):
+    """Knobs of the synthetic head-CT generator (defaults match DESIGN.md's real CT-ICH statistics)."""
+
+    patients: int = Field(60, ge=3)
+    slices_per_patient: int = Field(32, ge=3)
+    positive_patient_fraction: float = Field(0.48, ge=0.0, le=1.0)
+    noise_hu: float = Field(6.0, ge=0.0)  # pixel noise (std, HU) before the partial-volume blur
+    blood_hu: tuple[float, float] = (50.0, 68.0)  # acute blood HU range of a lesion's core
+    fracture_rate_positive: float = Field(0.38, ge=0.0, le=1.0)
+    fracture_rate_negative: float = Field(0.03, ge=0.0, le=1.0)
+    calcification_rate: float = Field(0.5, ge=0.0, le=1.0)  # share of patients with a pineal/choroid mimic
+    streaks: bool = True
+
+
+class SplitParams(_Section):
+    """Patient-level split and the annotated (pixel-labelled) subset the weak path may use."""
+
+    val_fraction: float = Field(0.2, gt=0.0, lt=1.0)
+    test_fraction: float = Field(0.2, gt=0.0, lt=1.0)
+    # Share of val / test patients whose masks are "annotated" (has_mask). Train masks never are.
+    annotated_val_fraction: float = Field(1.0, ge=0.0, le=1.0)
+    annotated_test_fraction: float = Field(1.0, ge=0.0, le=1.0)
+
+    @model_validator(mode="after")
+    def _fractions(self):
+        if self.val_fraction + self.test_fraction >= 1.0:
+            raise ValueError(
+                f"val_fraction + test_fraction must be < 1 so that some patients train, "
+                f"got {self.val_fraction} + {self.test_fraction}"
+            )
+        return self
+
+
+class DataParams(_Section):
+    source: Literal["synthetic", "ct-ich", "ct-ich-png", "rsna", "nifti-folder"] = "synthetic"
+    path: Optional[str] = None  # root folder of a real source; unused for synthetic
+    image_size: int = Field(128, ge=32)  # every source is resampled to image_size x image_size
+    split: SplitParams = SplitParams()
+    synthetic: SyntheticParams = SyntheticParams()
+    # nifti-folder: `hu` keeps stored values (CT); `percentile` maps each volume's 1st..99th percentile
+    # of non-zero voxels to 0..1000 so that an MRI volume can use the windows below.
+    intensity: Literal["hu", "percentile"] = "hu"
+    # rsna: unreadable DICOMs are skipped and listed; above this share prepare fails.
+    max_unreadable_fraction: float = Field(0.01, ge=0.0, le=1.0)
+
+    @model_validator(mode="after")
+    def _path_for_real_sources(self):
+        if self.source != "synthetic" and not self.path:
+            raise ValueError(f"source '{self.source}' reads files: set data.path to its root folder")
+        return self
+
+
+# ---------------------------------------------------------------------------------------------- input
+
+
+class InputParams(_Section):
+    """How HU slices become network channels (applied at load time, so no re-prepare)."""
+
+    # windows: one channel per CT window of the current slice; slices: prev/current/next in one window.
+    mode: Literal["windows", "slices"] = "windows"
+    windows: list[Window] = Field(default_factory=lambda: [(40.0, 80.0), (80.0, 200.0), (600.0, 2800.0)])
+    slice_window: Window = (25.0, 130.0)
+
+    @field_validator("windows")
+    @classmethod
+    def _windows(cls, v):
+        if not v:
+            raise ValueError("at least one window is needed")
+        return [_check_window(w) for w in v]
+
+    @field_validator("slice_window")
+    @classmethod
+    def _slice_window(cls, v):
+        return _check_window(v)
+
+    @property
+    def in_channels(self) -> int:
+        return len(self.windows) if self.mode == "windows" else 3
+
+
+# ------------------------------------------------------------------------------------------- training
+
+
+class AugmentParams(_Section):
+    hflip: float = Field(0.5, ge=0.0, le=1.0)  # probability (heads are roughly left-right symmetric)
+    affine: float = Field(0.5, ge=0.0, le=1.0)  # probability of a small affine
+    rotate_deg: float = Field(10.0, ge=0.0, le=180.0)
+    scale: float = Field(0.1, ge=0.0, lt=1.0)  # +- relative zoom
+    shift: float = Field(0.05, ge=0.0, lt=0.5)  # +- fraction of the side
+    intensity_hu: float = Field(3.0, ge=0.0)  # +- HU offset added before windowing
+    noise_hu: float = Field(2.0, ge=0.0)  # std of extra Gaussian noise in HU
+
+
+class TrainParams(_Section):
+    """Knobs of the one training loop (weak2full.train), shared by every network."""
+
+    epochs: int = Field(10, ge=1)
+    steps_per_epoch: Optional[int] = Field(None, ge=1)  # None: one pass over the train split
+    batch_size: int = Field(16, ge=1)
+    lr: float = Field(1e-3, gt=0.0)
+    weight_decay: float = Field(1e-4, ge=0.0)
+    warmup_epochs: float = Field(0.5, ge=0.0)
+    # Balanced sampling: share of positive slices in each batch (None: the data's own share).
+    positive_fraction: Optional[float] = Field(0.5, ge=0.0, le=1.0)
+    augment: AugmentParams = AugmentParams()
+    num_workers: int = Field(0, ge=0)
+    amp: bool = True  # bf16 autocast, CUDA only
+    channels_last: bool = True  # CUDA only
+    resume: bool = True  # continue from the stage's last checkpoint after an interruption
+
+
+class ClassifierParams(TrainParams):
+    encoder: str = "resnet18"  # any timm model name with features_only support
+    encoder_weights: Optional[str] = None  # None: random init; else a local weights file
+    decoder_channels: list[int] = Field(default_factory=lambda: [128, 64, 32, 16], min_length=1)
+    heatmap_size: int = Field(128, ge=4)  # side of the class maps; input side / heatmap_size = stride
+    pooling: Literal["lse", "max", "topk"] = "lse"
+    lse_r: float = Field(6.0, gt=0.0)  # log-sum-exp sharpness (learnable, this is its start)
+    topk_fraction: float = Field(0.02, gt=0.0, le=1.0)
+    deep_supervision: bool = True
+    deep_supervision_weight: float = Field(0.5, ge=0.0)
+    consistency_weight: float = Field(0.1, ge=0.0)
+    # Checkpoint selection: localisation on annotated val slices (AUROC can be won by shortcuts).
+    select_by: Literal["point_acc", "map_dice", "auroc"] = "map_dice"
+
+
+class BaselineParams(TrainParams):
+    encoder: str = "resnet18"
+    encoder_weights: Optional[str] = None
+    select_by: Literal["point_acc", "map_dice", "auroc"] = "map_dice"
+
+
+class CamsParams(_Section):
+    batch_size: int = Field(32, ge=1)
+    chunk_size: int = Field(256, ge=1)  # slices read, run and written at a time: bounds memory
+
+
+# ---------------------------------------------------------------------------------------- pseudo masks
+
+
+class CRFParams(_Section):
+    enabled: bool = True
+    window: Window = (40.0, 80.0)  # the bilateral kernel compares intensities in this HU window
+    iterations: int = Field(5, ge=1)
+    gaussian_sxy: float = Field(3.0, gt=0.0)
+    gaussian_compat: float = Field(3.0, ge=0.0)
+    bilateral_sxy: float = Field(10.0, gt=0.0)  # in pixels at image resolution
+    bilateral_srgb: float = Field(10.0, gt=0.0)  # in 0..255 units of the windowed image
+    compat: float = Field(5.0, ge=0.0)  # bilateral kernel weight
+
+    @field_validator("window")
+    @classmethod
+    def _window(cls, v):
+        return _check_window(v)
+
+
+class CalibrationParams(_Section):
+    fg_grid: list[float] = Field(default_factory=lambda: [0.3, 0.4, 0.5, 0.6, 0.7])
+    bg_grid: list[float] = Field(default_factory=lambda: [0.05, 0.1, 0.2])
+    compat_grid: list[float] = Field(default_factory=lambda: [3.0, 5.0, 10.0])
+
+    @field_validator("fg_grid", "bg_grid")
+    @classmethod
+    def _unit(cls, v):
+        if not v or any(not 0.0 <= x <= 1.0 for x in v):
+            raise ValueError(f"must be a non-empty list of values in [0, 1], got {v}")
+        return v
+
+
+class PseudoMaskParams(_Section):
+    thresholds: Literal["calibrated", "fixed"] = "calibrated"
+    fg: float = Field(0.5, ge=0.0, le=1.0)  # normalised map above fg: confident foreground
+    bg: float = Field(0.1, ge=0.0, le=1.0)  # below bg: confident background; between: ignore (255)
+    crf: CRFParams = CRFParams()
+    calibration: CalibrationParams = CalibrationParams()
+    workers: int = Field(0, ge=0)  # 0: all cores
+    chunk_size: int = Field(256, ge=1)
+
+    @model_validator(mode="after")
+    def _band(self):
+        if self.fg <= self.bg:
+            raise ValueError(f"fg must be greater than bg, got fg={self.fg} and bg={self.bg}")
+        return self
+
+
+# ------------------------------------------------------------------------------------------ segmenter
+
+
+class SegmenterParams(TrainParams):
+    arch: str = "Unet"  # any segmentation-models-pytorch architecture
+    encoder: str = "resnet18"  # smp encoder name, or "tu-<timm name>"
+    encoder_weights: Optional[str] = None
+    dice_weight: float = Field(1.0, ge=0.0)  # loss = CE/BCE + dice_weight * Dice (ignore 255)
+
+
+class OracleParams(SegmenterParams):
+    enabled: bool = True  # the fully supervised ceiling; off for users without train masks
+
+
+# ------------------------------------------------------------------------------------- evaluate/export
+
+
+class EvaluateParams(_Section):
+    threshold: float = Field(0.5, gt=0.0, lt=1.0)  # probability threshold for segmenter/oracle masks
+    threshold_grid: list[float] = Field(default_factory=lambda: [round(0.1 * i, 1) for i in range(1, 10)])
+    batch_size: int = Field(32, ge=1)
+    report_examples: int = Field(3, ge=1)  # overlays for best, median, worst (this many each)
+
+
+class ExportParams(_Section):
+    name: str = Field("synthetic-ich-pseudo", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    nifti: bool = True  # also one NIfTI volume per patient
+
+
+# -------------------------------------------------------------------------------------------- the file
+
+
+class Params(_Section):
+    common: CommonParams = CommonParams()
+    data: DataParams = DataParams()
+    input: InputParams = InputParams()
+    train_classifier: ClassifierParams = ClassifierParams()
+    baseline_cam: BaselineParams = BaselineParams()
+    cams: CamsParams = CamsParams()
+    pseudo_masks: PseudoMaskParams = PseudoMaskParams()
+    train_segmenter: SegmenterParams = SegmenterParams()
+    train_oracle: OracleParams = OracleParams()
+    evaluate: EvaluateParams = EvaluateParams()
+    export: ExportParams = ExportParams()
+
+
+def _describe(err: dict[str, Any], owner: Path) -> str:
+    key = ".".join(str(p) for p in err["loc"])
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        parent = ".".join(str(p) for p in err["loc"][:-1]) or "the top level"
+        return f"Unknown key '{key}' in {owner} (not a parameter of {parent})."
+    got = err.get("input")
+    msg = err["msg"]
+    if msg.startswith("Value error, "):
+        msg = msg[len("Value error, ") :]
+    where = f"The '{key}' parameter" if key else "params"
+    return f"{where} in {owner}: {msg}. Got {got!r} instead."
+
+
+def parse_params(raw: Any, owner: str | Path = "params.yaml") -> Params:
+    """Validate a parsed YAML mapping; raise InvalidParameterError naming every bad key."""
+    owner = Path(owner)
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise InvalidParameterError(f"{owner} must hold a mapping of sections, got {type(raw).__name__}.")
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as exc:
+        lines = [_describe(e, owner) for e in exc.errors()]
+        raise InvalidParameterError("\n".join(lines)) from None
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    """Read and validate a params file. Errors name the file and the offending key."""
+    path = Path(path)
+    if not path.is_file():
+        raise InvalidParameterError(f"Params file {path} does not exist.")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise InvalidParameterError(f"{path} is not valid YAML: {exc}") from None
+    return parse_params(raw, path)
