@@ -271,10 +271,22 @@ class OracleParams(SegmenterParams):
 
 
 class EvaluateParams(_Section):
+    """Scoring on the annotated test slices (weak2full.metrics) and the report (weak2full.report)."""
+
     threshold: float = Field(0.5, gt=0.0, lt=1.0)  # probability threshold for segmenter/oracle masks
+    # Thresholds of the dice-vs-threshold curves (plots/dice_vs_threshold.csv), the same for every method.
     threshold_grid: list[float] = Field(default_factory=lambda: [round(0.1 * i, 1) for i in range(1, 10)])
     batch_size: int = Field(32, ge=1)
     report_examples: int = Field(3, ge=1)  # overlays for best, median, worst (this many each)
+
+    @field_validator("threshold_grid")
+    @classmethod
+    def _grid(cls, v):
+        if not v or any(not 0.0 < x < 1.0 for x in v):
+            raise ValueError(f"must be a non-empty list of probabilities in (0, 1), got {v}")
+        if sorted(set(v)) != list(v):
+            raise ValueError(f"must be strictly increasing, got {v}")
+        return v
 
 
 class ExportParams(_Section):
