@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 run: $(STAMP)
 	@git rev-parse --is-inside-work-tree >/dev/null 2>&1 || (git init -q && git add -A && git -c user.name=weak2full -c user.email=weak2full@localhost commit -qm "initial checkout")
 	@test -d .dvc || $(VENV)/bin/dvc init -q
-	PATH="$(abspath $(VENV))/bin:$$PATH" dvc repro
+	PATH="$(abspath $(VENV))/bin:$$PATH" PYTHONPATH=src dvc repro
 	@$(PY) -m weak2full results
 
 test: $(STAMP)
