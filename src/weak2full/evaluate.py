@@ -1,0 +1,204 @@
+"""The evaluate stage: every method scored on the same annotated test slices.
+
+Rows of ``metrics/evaluate.json`` (DESIGN.md's names):
+
+* ``gap_cam``, ``heatmap``: the classifiers' maps, label-informed as on the train split (a slice whose
+  image label is negative gets no foreground), thresholded at the value that maximises ``dice_pos`` on the
+  annotated *val* slices (the same calibration the pseudo-masks get), with ``auroc``/``ap`` of their image
+  probabilities on the whole test split beside them;
+* ``pseudo_mask``: the test slices' CAM -> CRF output (255 counts as background);
+* ``segmenter``: the network trained on pseudo-masks, from pixels only, at ``evaluate.threshold``;
+* ``oracle``: the same segmenter trained on true masks — the ceiling; absent when switched off;
+* ``weak_over_full`` = segmenter ``dice_pos`` / oracle ``dice_pos``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from sklearn.metrics import roc_curve
+
+from weak2full import metrics as M
+from weak2full import report
+from weak2full.cams import normalise_cam
+from weak2full.errors import InvalidInputError
+from weak2full.h5 import DatasetFile, _take, atomic_output, open_checked
+from weak2full.params import InputParams, Params
+
+__all__ = ["run", "labels_from_probs"]
+
+METHODS = ("gap_cam", "heatmap", "pseudo_mask", "segmenter", "oracle")
+
+
+def labels_from_probs(prob: np.ndarray, threshold: float) -> np.ndarray:
+    """(n, K, H, W) class probabilities -> uint8 (n, H, W) label map: the likeliest class where its
+    probability reaches ``threshold``, else background (0)."""
+    best = prob.argmax(axis=1)
+    return np.where(prob.max(axis=1) >= threshold, best + 1, 0).astype(np.uint8)
+
+
+def _upsample(maps: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    if maps.shape[-2:] == tuple(size):
+        return maps
+    t = torch.from_numpy(np.ascontiguousarray(maps, dtype=np.float32))
+    return F.interpolate(t, size=size, mode="bilinear", align_corners=False).numpy()
+
+
+def _load_maps(path: Path, ds: DatasetFile, classes: list[str]):
+    """Normalised maps (0..1) of a cams file, checked against the dataset; returns (reader, prob, how)."""
+    f = open_checked(path, "cams")
+    cams_classes = json.loads(f.attrs["classes"])
+    if f["cam"].shape[0] != ds.n:
+        raise InvalidInputError(f"{path}: {f['cam'].shape[0]} slices, but {ds.path} has {ds.n}; re-run cams.")
+    if cams_classes != classes:
+        raise InvalidInputError(f"{path}: classes {cams_classes} differ from common.classes {classes}.")
+    how = str(f.attrs["normalisation"])
+
+    def read(idx: np.ndarray) -> np.ndarray:
+        return normalise_cam(_take(f["cam"], idx), how)
+
+    return f, read
+
+
+def _threshold_on_val(prob_any_val: np.ndarray, truth_any_val: np.ndarray, grid: list[float],
+                      default: float) -> tuple[float, list[dict]]:
+    if prob_any_val.shape[0] == 0 or not truth_any_val.any():
+        return default, []
+    curve = M.dice_vs_threshold(prob_any_val, truth_any_val, grid)
+    best = max(curve, key=lambda r: (r["dice_pos"] if r["dice_pos"] is not None else -1.0))
+    return float(best["threshold"]), curve
+
+
+def _segmenter_probs(path: Path, ds: DatasetFile, idx: np.ndarray, params: Params):
+    """(n, K, H, W) probabilities of a trained segmenter, or None when its stage was switched off."""
+    from weak2full.models import load_model
+    from weak2full.models.segmenter import predict_masks
+    from weak2full.runtime import choose_device
+
+    ckpt = torch.load(path, map_location="cpu", weights_only=True) if Path(path).is_file() else None
+    if ckpt is not None and ckpt.get("arch") == "disabled":
+        return None
+    device = choose_device(params.common.device)
+    model, ckpt = load_model(path, arch="segmenter", device=str(device))
+    if list(ckpt["classes"]) != list(params.common.classes):
+        raise InvalidInputError(
+            f"{path} was trained for classes {ckpt['classes']}, common.classes is {params.common.classes}."
+        )
+    return predict_masks(model, ds, idx, InputParams(**ckpt["input"]), params.evaluate.batch_size, device)
+
+
+def run(
+    params: Params,
+    dataset: Path,
+    heatmap_cams: Path,
+    gap_cams: Path,
+    pseudo: Path,
+    segmenter: Path,
+    oracle: Path,
+    out: Path,
+    plots_dir: Path,
+    report_path: Path,
+) -> dict:
+    """Score every method on the annotated test slices; write evaluate.json, plots and the HTML report."""
+    p = params.evaluate
+    classes = list(params.common.classes)
+    with DatasetFile(dataset) as ds:
+        test = ds.indices("test", annotated=True)
+        val = ds.indices("val", annotated=True)
+        if test.size == 0:
+            raise InvalidInputError(
+                f"nothing to score: {dataset} has no annotated test slices (has_mask within split test); "
+                "raise data.split.annotated_test_fraction or give a source with masks."
+            )
+        size = (ds.height, ds.width)
+        truth_test = ds.annotated_masks(test)
+        if not (truth_test > 0).any():
+            raise InvalidInputError(f"nothing to score: {dataset} has no annotated test slice with a bleed.")
+        truth_val = ds.annotated_masks(val)
+        any_test, any_val = truth_test > 0, truth_val > 0
+        labels = ds.labels_for(classes).astype(np.float32)
+        patient, slice_ids = ds.patient[test], ds.slice[test]
+        score = lambda lab, **kw: M.score_multiclass(  # noqa: E731
+            lab, truth_test, patient, slice_ids, classes, ds.mask_classes, **kw)
+
+        table: dict = {}
+        curves: dict = {}
+        dice_pos_slices: dict = {}
+        roc: dict = {}
+        probs_any: dict = {}
+        maps_for_report = None
+        pos = any_test.any(axis=(1, 2))
+        all_test = ds.indices("test")
+
+        # -- the classifiers' maps, label-informed
+        for method, path in (("gap_cam", gap_cams), ("heatmap", heatmap_cams)):
+            f, read = _load_maps(Path(path), ds, classes)
+            with f:
+                maps_test = read(test) * labels[test][:, :, None, None]
+                maps_val = read(val) * labels[val][:, :, None, None]
+                prob_test = _upsample(maps_test, size)
+                prob_val = _upsample(maps_val, size)
+                t, _ = _threshold_on_val(prob_val.max(1), any_val, p.threshold_grid, p.threshold)
+                row = score(labels_from_probs(prob_test, t), heatmap=maps_test)
+                row["threshold"] = t
+                image_prob = f["prob"][:]
+                cls_metrics = M.classification_metrics(image_prob[all_test], ds.labels_for(classes)[all_test],
+                                                        classes)
+                row["auroc"], row["ap"] = cls_metrics["auroc"], cls_metrics["ap"]
+                y = ds.labels_for(classes)[all_test].max(1)
+                if 0 < y.sum() < y.size:
+                    fpr, tpr, _ = roc_curve(y, image_prob[all_test].max(1))
+                    roc[method] = (fpr, tpr)
+            table[method] = row
+            probs_any[method] = prob_test.max(1)
+            curves[method] = M.dice_vs_threshold(probs_any[method], any_test, p.threshold_grid)
+            dice_pos_slices[method] = M.dice_per_slice(probs_any[method] >= t, any_test)[pos]
+            if method == "heatmap":
+                maps_for_report = maps_test.max(1)
+
+        # -- pseudo-masks of the test slices (the same CAM -> CRF path as for train)
+        with open_checked(pseudo, "pseudo_masks") as pm:
+            if pm["mask"].shape[0] != ds.n:
+                raise InvalidInputError(f"{pseudo}: {pm['mask'].shape[0]} slices, {dataset} has {ds.n}.")
+            pseudo_test = _take(pm["mask"], test)
+        table["pseudo_mask"] = score(pseudo_test)
+        pseudo_fg = (pseudo_test > 0) & (pseudo_test != 255)
+        dice_pos_slices["pseudo_mask"] = M.dice_per_slice(pseudo_fg, any_test)[pos]
+
+        # -- the segmenter and the ceiling, from pixels only
+        seg_pred = None
+        for method, path in (("segmenter", segmenter), ("oracle", oracle)):
+            prob = _segmenter_probs(Path(path), ds, test, params)
+            if prob is None:
+                continue
+            table[method] = score(labels_from_probs(prob, p.threshold))
+            table[method]["threshold"] = p.threshold
+            probs_any[method] = prob.max(1)
+            curves[method] = M.dice_vs_threshold(probs_any[method], any_test, p.threshold_grid)
+            dice_pos_slices[method] = M.dice_per_slice(probs_any[method] >= p.threshold, any_test)[pos]
+            if method == "segmenter":
+                seg_pred = probs_any[method] >= p.threshold
+
+        seg, orc = table["segmenter"].get("dice_pos"), table.get("oracle", {}).get("dice_pos")
+        table["weak_over_full"] = (seg / orc) if (seg is not None and orc) else None
+
+        # -- files
+        with atomic_output(out) as tmp:
+            Path(tmp).write_text(json.dumps(table, indent=2, sort_keys=True) + "\n")
+        report.write_plots(curves, dice_pos_slices, roc, plots_dir)
+        examples = []
+        pos_rows = np.flatnonzero(pos)
+        for group, i in report.pick_examples(dice_pos_slices["segmenter"], p.report_examples):
+            r = pos_rows[i]
+            examples.append(dict(
+                image_hu=ds.images([test[r]])[0], heatmap=maps_for_report[r], pseudo_mask=pseudo_test[r],
+                segmenter_pred=seg_pred[r], truth=any_test[r],
+                title=f"{group}: patient {int(patient[r])}, slice {int(slice_ids[r])}",
+                dice=float(dice_pos_slices["segmenter"][i]),
+            ))
+        report.write_html_report(report_path, table, examples, curves=curves)
+    return table
