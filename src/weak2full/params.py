@@ -217,6 +217,8 @@ class CRFParams(_Section):
     bilateral_sxy: float = Field(10.0, gt=0.0)  # in pixels at image resolution
     bilateral_srgb: float = Field(10.0, gt=0.0)  # in 0..255 units of the windowed image
     compat: float = Field(5.0, ge=0.0)  # bilateral kernel weight
+    # Probabilities are clipped to this floor before -log: bounds the unary of a pixel whose map is 0.
+    unary_clip: float = Field(1e-5, gt=0.0, lt=0.5)
 
     @field_validator("window")
     @classmethod
@@ -236,11 +238,30 @@ class CalibrationParams(_Section):
             raise ValueError(f"must be a non-empty list of values in [0, 1], got {v}")
         return v
 
+    @field_validator("compat_grid")
+    @classmethod
+    def _compat(cls, v):
+        if not v or any(x < 0.0 for x in v):
+            raise ValueError(f"must be a non-empty list of bilateral weights >= 0, got {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _some_band(self):
+        if not any(f > b for f in self.fg_grid for b in self.bg_grid):
+            raise ValueError(
+                f"no grid point has fg > bg (fg_grid={self.fg_grid}, bg_grid={self.bg_grid}); "
+                "calibration would have nothing to search"
+            )
+        return self
+
 
 class PseudoMaskParams(_Section):
     thresholds: Literal["calibrated", "fixed"] = "calibrated"
-    fg: float = Field(0.5, ge=0.0, le=1.0)  # normalised map above fg: confident foreground
-    bg: float = Field(0.1, ge=0.0, le=1.0)  # below bg: confident background; between: ignore (255)
+    # Thresholds on the normalised map (rule: weak2full.pseudo_masks.make_pseudo_mask). Below bg: background
+    # (the CRF may not add foreground there). Raw mask: at or above fg foreground, between: ignore (255).
+    # With the CRF on, the CRF places foreground where the map is >= bg and the rest there is ignored.
+    fg: float = Field(0.5, ge=0.0, le=1.0)
+    bg: float = Field(0.1, ge=0.0, le=1.0)
     crf: CRFParams = CRFParams()
     calibration: CalibrationParams = CalibrationParams()
     workers: int = Field(0, ge=0)  # 0: all cores
