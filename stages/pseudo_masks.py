@@ -2,9 +2,9 @@
 
     python stages/pseudo_masks.py --dataset data/prepared/dataset.h5 --cams data/cams/cams.h5 \
         --out data/pseudo/pseudo_masks.h5 --metrics metrics/pseudo_masks.json \
-        --calibration metrics/calibration.json --plots plots/calibration.csv
+        --calibration metrics/calibration.json --plots plots/calibration
 
-Reads params `common.classes` and `pseudo_masks.*`. `--plots` also writes a PNG beside the CSV.
+Reads params `common.classes` and `pseudo_masks.*`. `--plots` gets calibration.csv and calibration.png.
 """
 
 from weak2full.cli import run_stage, stage_parser
@@ -18,7 +18,7 @@ def main(argv=None):
     p.add_argument("--out", required=True, help="pseudo_masks.h5 to write")
     p.add_argument("--metrics", required=True, help="metrics JSON (raw vs CRF scores)")
     p.add_argument("--calibration", required=True, help="calibration JSON (choice + search table)")
-    p.add_argument("--plots", default=None, help="calibration table CSV for dvc plots (PNG beside it)")
+    p.add_argument("--plots", default=None, help="folder for calibration.csv (dvc plots) and calibration.png")
     args = p.parse_args(argv)
     run_stage(
         "pseudo_masks",

@@ -180,7 +180,7 @@ def _params(**pm):
 def _run(tmp_path, params, dataset, cams, tag="a"):
     out = tmp_path / tag / "pseudo_masks.h5"
     d = tmp_path / tag
-    run(params, dataset, cams, out, d / "m.json", d / "cal.json", d / "cal.csv")
+    run(params, dataset, cams, out, d / "m.json", d / "cal.json", d / "plots")
     return out
 
 
@@ -209,8 +209,8 @@ def test_stage_writes_the_contract_and_metrics(tmp_path):
         assert metrics[split]["crf"]["dice_pos"] > 0.7
         assert metrics[split]["crf"]["fp_slice_rate"] == 0.0
     assert metrics["thresholds"]["mode"] == "calibrated"
-    assert (tmp_path / "a" / "cal.png").stat().st_size > 0
-    assert (tmp_path / "a" / "cal.csv").read_text().startswith("fg,bg,compat,dice_pos_raw")
+    assert (tmp_path / "a" / "plots" / "calibration.png").stat().st_size > 0
+    assert (tmp_path / "a" / "plots" / "calibration.csv").read_text().startswith("fg,bg,compat,dice_pos_raw")
 
 
 def test_output_bytes_do_not_depend_on_worker_count(tmp_path):

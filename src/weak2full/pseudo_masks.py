@@ -463,13 +463,13 @@ def _write_json(path: Path, obj) -> None:
         tmp.write_text(json.dumps(obj, indent=2) + "\n")
 
 
-def _write_plots(path: Path, cal: dict) -> None:
-    """plots/calibration.csv (the search table, for `dvc plots`) and a PNG beside it: Dice vs threshold."""
+def _write_plots(folder: Path, cal: dict) -> None:
+    """``calibration.csv`` (the search table, for `dvc plots`) and ``calibration.png`` (Dice vs threshold)."""
     cols = ["fg", "bg", "compat", "dice_pos_raw", "dice_pos_crf"]
     cols += ["ignore_fraction_raw", "ignore_fraction_crf"]
     cell = lambda v: "" if v is None else f"{v:.6g}"  # noqa: E731  (CRF columns are null without CRF)
     lines = [",".join(cols)] + [",".join(cell(r[c]) for c in cols) for r in cal["table"]]
-    with atomic_output(path) as tmp:
+    with atomic_output(folder / "calibration.csv") as tmp:
         tmp.write_text("\n".join(lines) + "\n")
     import matplotlib
 
@@ -489,7 +489,7 @@ def _write_plots(path: Path, cal: dict) -> None:
         if ax.lines:
             ax.legend(fontsize=8)
     fig.tight_layout()
-    with atomic_output(path.with_suffix(".png")) as tmp:
+    with atomic_output(folder / "calibration.png") as tmp:
         fig.savefig(tmp, format="png", dpi=100)
     plt.close(fig)
 
@@ -513,7 +513,7 @@ def run(
             ``raw`` thresholded map and of the ``crf`` output, plus the thresholds used.
         calibration: metrics/calibration.json: the chosen values and the search table (the search runs
             in both modes; ``thresholds: fixed`` just does not use its choice).
-        plots: optional CSV path for the table (`dvc plots`); a Dice-vs-threshold PNG goes beside it.
+        plots: optional folder: ``calibration.csv`` (the table, for `dvc plots`) and ``calibration.png``.
 
     Slices go through in chunks of ``pseudo_masks.chunk_size`` (two chunks in flight at most), so memory
     does not grow with N; the output bytes do not depend on ``pseudo_masks.workers``.
