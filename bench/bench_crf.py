@@ -1,0 +1,174 @@
+"""Benchmark of the pseudo_masks stage: pool throughput and memory against plain pydensecrf loops.
+
+    python bench/bench_crf.py                       # 1,000 slices for speed, 1,000 and 10,000 for memory
+    python bench/bench_crf.py --speed-slices 200 --memory-slices 200 2000 --workers 2
+
+Synthetic inputs made here: 128x128 HU slices (brain with a bright blob) and 128x128 logit maps with a
+Gaussian bump near it, every slice labelled positive so that every slice runs the CRF; thresholds fixed
+and no annotated slice, so the stage does no calibration and no scoring, only the pooled pass.
+
+* speed: images/s of ``weak2full.pseudo_masks.run`` with P workers (whole stage: HDF5 in and out, pool
+  start included) against a single-process loop calling ``make_pseudo_mask`` on arrays in memory.
+  Target: rate(P) >= 0.8 * P * rate(loop).
+* memory: the stage runs in a fresh subprocess per size; peak RSS (``resource.getrusage`` maxrss) of the
+  stage process and of its largest worker. Target: peak at 10,000 slices within 10% of 1,000.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from weak2full.cams import normalise_cam
+from weak2full.h5 import SCHEMA_VERSION, write_dataset
+from weak2full.params import parse_params
+from weak2full.pseudo_masks import make_pseudo_mask, run
+
+SIZE = 128
+
+
+def make_inputs(folder: Path, n: int, seed: int = 0, chunk: int = 500) -> tuple[Path, Path]:
+    """dataset.h5 and cams.h5 with n positive, unannotated train slices (written in chunks)."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:SIZE, :SIZE]
+    image = np.empty((n, SIZE, SIZE), np.int16)
+    mask = np.zeros((n, SIZE, SIZE), np.uint8)
+    cams = folder / "cams.h5"
+    with h5py.File(cams, "w") as f:
+        cam = f.create_dataset("cam", (n, 1, SIZE, SIZE), np.float16, chunks=(1, 1, SIZE, SIZE))
+        f.create_dataset("prob", data=np.ones((n, 1), np.float32))
+        f.attrs.update(kind="cams", schema_version=SCHEMA_VERSION, classes=json.dumps(["any"]))
+        f.attrs.update(method="heatmap", heatmap_size=SIZE, stride=1, normalisation="sigmoid")
+        for start in range(0, n, chunk):
+            stop = min(start + chunk, n)
+            block = np.empty((stop - start, 1, SIZE, SIZE), np.float32)
+            for j, i in enumerate(range(start, stop)):
+                cy, cx, r = rng.integers(30, 98, 2).tolist() + [int(rng.integers(3, 9))]
+                d2 = (yy - cy) ** 2 + (xx - cx) ** 2
+                image[i] = (37 + rng.normal(0, 3, (SIZE, SIZE))).round()
+                image[i][d2 <= r * r] += 18
+                mask[i][d2 <= r * r] = 1
+                oy, ox = rng.normal(0, 2, 2)
+                block[j, 0] = -6 + 10 * np.exp(-((yy - cy - oy) ** 2 + (xx - cx - ox) ** 2) / (2 * (r + 2) ** 2))
+            cam[start:stop] = block
+    write_dataset(
+        folder / "dataset.h5",
+        image=image,
+        patient=np.arange(n, dtype=np.int32) // 32,
+        slice_index=np.arange(n, dtype=np.int32) % 32,
+        label=np.ones((n, 1), np.uint8),
+        mask=mask,
+        has_mask=np.zeros(n, bool),
+        split=np.zeros(n, np.uint8),
+        classes=["any"],
+        mask_classes=["any"],
+        masks_complete=True,
+        source="bench",
+    )
+    return folder / "dataset.h5", cams
+
+
+def bench_params(workers: int, chunk_size: int):
+    return parse_params(
+        {"pseudo_masks": {"thresholds": "fixed", "workers": workers, "chunk_size": chunk_size}}
+    )
+
+
+def run_stage(folder: Path, dataset: Path, cams: Path, workers: int, chunk_size: int) -> float:
+    """Seconds for the whole stage."""
+    t0 = time.perf_counter()
+    run(
+        bench_params(workers, chunk_size),
+        dataset,
+        cams,
+        folder / f"out-{workers}.h5",
+        folder / "m.json",
+        folder / "c.json",
+    )
+    return time.perf_counter() - t0
+
+
+def plain_loop(dataset: Path, cams: Path) -> float:
+    """Seconds for a single-process loop over pydensecrf (via make_pseudo_mask) on in-memory arrays."""
+    pm = bench_params(1, 256).pseudo_masks
+    with h5py.File(dataset, "r") as d, h5py.File(cams, "r") as c:
+        images, cam = d["image"][:], c["cam"][:]
+    label = np.ones(1, np.uint8)
+    t0 = time.perf_counter()
+    for i in range(len(images)):
+        make_pseudo_mask(normalise_cam(cam[i], "sigmoid"), label, images[i], pm.fg, pm.bg, pm.crf)
+    return time.perf_counter() - t0
+
+
+def child(args) -> None:
+    """Run the stage once in this (fresh) process and print its peak memory as JSON."""
+    folder = Path(args.child)
+    run_stage(folder, folder / "dataset.h5", folder / "cams.h5", args.workers, args.chunk_size)
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    workers = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    print(json.dumps({"stage_mib": own, "worker_mib": workers}))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--workers", type=int, default=os.cpu_count())
+    ap.add_argument("--chunk-size", type=int, default=256)
+    ap.add_argument("--speed-slices", type=int, default=1000)
+    ap.add_argument("--memory-slices", type=int, nargs="*", default=[1000, 10000])
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        return child(args)
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "speed"
+        folder.mkdir()
+        n = args.speed_slices
+        dataset, cams = make_inputs(folder, n)
+        loop = n / plain_loop(dataset, cams)
+        one = n / run_stage(folder, dataset, cams, 1, args.chunk_size)
+        pool = n / run_stage(folder, dataset, cams, args.workers, args.chunk_size)
+        same = (folder / "out-1.h5").read_bytes() == (folder / f"out-{args.workers}.h5").read_bytes()
+        print(f"\nspeed, {n} slices of {SIZE}x{SIZE}, {os.cpu_count()} CPUs")
+        print(f"{'what':<34}{'images/s':>10}{'x loop':>8}")
+        print(f"{'single-process pydensecrf loop':<34}{loop:>10.1f}{1.0:>8.2f}")
+        print(f"{'stage, workers=1 (inline)':<34}{one:>10.1f}{one / loop:>8.2f}")
+        print(f"{f'stage, workers={args.workers} (pool)':<34}{pool:>10.1f}{pool / loop:>8.2f}")
+        target = 0.8 * args.workers
+        print(f"target x loop >= {target:.2f}: {'met' if pool / loop >= target else 'NOT met'}")
+        print(f"output bytes workers=1 vs {args.workers}: {'identical' if same else 'DIFFERENT'}")
+
+        for n in args.memory_slices:
+            folder = Path(tmp) / f"mem{n}"
+            folder.mkdir()
+            make_inputs(folder, n)
+            cmd = [sys.executable, __file__, "--child", str(folder), "--workers", str(args.workers)]
+            cmd += ["--chunk-size", str(args.chunk_size)]
+            t0 = time.perf_counter()
+            res = subprocess.run(cmd, check=True, capture_output=True, text=True)
+            rows.append((n, json.loads(res.stdout.strip().splitlines()[-1]), time.perf_counter() - t0))
+            for f in folder.iterdir():
+                f.unlink()
+    print(f"\npeak memory (maxrss, MiB), workers={args.workers}, chunk_size={args.chunk_size}")
+    print(f"{'slices':>8}{'stage':>10}{'worker':>10}{'seconds':>10}")
+    for n, mem, secs in rows:
+        print(f"{n:>8}{mem['stage_mib']:>10.1f}{mem['worker_mib']:>10.1f}{secs:>10.1f}")
+    if len(rows) >= 2:
+        (n0, m0, _), (n1, m1, _) = rows[0], rows[-1]
+        growth = m1["stage_mib"] / m0["stage_mib"] - 1
+        print(f"stage peak at {n1} vs {n0}: {growth:+.1%} (target within 10%)")
+
+
+if __name__ == "__main__":
+    main()
