@@ -221,6 +221,19 @@ def test_output_bytes_do_not_depend_on_worker_count(tmp_path):
     assert (tmp_path / "one" / "m.json").read_text() == (tmp_path / "two" / "m.json").read_text()
 
 
+def test_masks_outside_the_annotated_subset_are_never_read(tmp_path):
+    dataset, cams = _files(tmp_path)
+    clean = _run(tmp_path, _params(), dataset, cams, "clean")
+    with h5py.File(dataset, "r+") as f:
+        hidden = ~f["has_mask"][:]
+        noise = np.random.default_rng(1).integers(0, 2, (hidden.sum(), SIZE, SIZE))
+        f["mask"][np.flatnonzero(hidden)] = noise
+    garbage = _run(tmp_path, _params(), dataset, cams, "garbage")
+    assert clean.read_bytes() == garbage.read_bytes()
+    for name in ("m.json", "cal.json"):
+        assert (tmp_path / "clean" / name).read_text() == (tmp_path / "garbage" / name).read_text()
+
+
 def test_calibration_picks_the_best_grid_point(tmp_path):
     # Radial maps m = 1 - d / 8 on a disc of radius 4: m >= 0.5 is exactly the disc, so the raw Dice
     # peaks at fg = 0.5 among the grid.
