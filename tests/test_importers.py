@@ -12,7 +12,6 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-import pydicom
 import pytest
 from PIL import Image
 from pydicom.dataset import FileDataset, FileMetaDataset
@@ -25,8 +24,17 @@ from weak2full.importers import CLASSES
 
 # ---------------------------------------------------------------------------------------- writers
 
-CT_ICH_COLUMNS = ["PatientNumber", "SliceNumber", "Intraventricular", "Intraparenchymal", "Subarachnoid",
-                  "Epidural", "Subdural", "No_Hemorrhage", "Fracture_Yes_No"]
+CT_ICH_COLUMNS = [
+    "PatientNumber",
+    "SliceNumber",
+    "Intraventricular",
+    "Intraparenchymal",
+    "Subarachnoid",
+    "Epidural",
+    "Subdural",
+    "No_Hemorrhage",
+    "Fracture_Yes_No",
+]
 # Patient number -> which of its 4 slices bleed (three positive patients, two negative).
 CT_ICH_PATIENTS = {49: [0, 1, 1, 0], 50: [0, 0, 1, 0], 58: [1, 0, 0, 0], 66: [0, 0, 0, 0], 67: [0, 0, 0, 0]}
 X, Y = 20, 24  # stored in-plane size (not square: padding is exercised)
@@ -88,8 +96,9 @@ def write_ct_ich_png(root: Path, patients=CT_ICH_PATIENTS) -> Path:
 UID = "1.2.826.0.1.3680043.8.498."
 
 
-def write_dicom(path: Path, stored: np.ndarray, *, patient: str, series: str, z: float, bits_stored=16,
-                intercept=-1024.0) -> None:
+def write_dicom(
+    path: Path, stored: np.ndarray, *, patient: str, series: str, z: float, bits_stored=16, intercept=-1024.0
+) -> None:
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = CTImageStorage
     meta.MediaStorageSOPInstanceUID = UID + str(int(path.stem[3:], 16))
@@ -109,8 +118,14 @@ def write_dicom(path: Path, stored: np.ndarray, *, patient: str, series: str, z:
 
 
 # Series: (patient, positive flags in z order). PID2 has two series; PID4's second slice uses the 12-bit fix.
-RSNA_SERIES = {"S1": ("PID1", [0, 1, 1]), "S2": ("PID2", [0, 1, 0]), "S3": ("PID2", [0, 0, 0]),
-               "S4": ("PID3", [1, 0, 0]), "S5": ("PID4", [0, 0, 0]), "S6": ("PID5", [0, 0, 0])}
+RSNA_SERIES = {
+    "S1": ("PID1", [0, 1, 1]),
+    "S2": ("PID2", [0, 1, 0]),
+    "S3": ("PID2", [0, 0, 0]),
+    "S4": ("PID3", [1, 0, 0]),
+    "S5": ("PID4", [0, 0, 0]),
+    "S6": ("PID5", [0, 0, 0]),
+}
 
 
 def write_rsna(root: Path, series=RSNA_SERIES) -> Path:
@@ -124,12 +139,26 @@ def write_rsna(root: Path, series=RSNA_SERIES) -> Path:
             n += 1
             hu = np.full((16, 12), -1000.0)
             hu[2:14, 2:10] = 30 + 10 * k
-            if uid == "S5" and k == 1:  # a 12-bit image that needs the fix: HU = (stored + 1000) mod 4096 - 1000
-                write_dicom(root / "stage_2_train" / f"{image_id}.dcm", np.mod(hu, 4096), patient=patient,
-                            series=UID + uid[1:], z=10.0 * k, bits_stored=12, intercept=0.0)
+            if (
+                uid == "S5" and k == 1
+            ):  # a 12-bit image that needs the fix: HU = (stored + 1000) mod 4096 - 1000
+                write_dicom(
+                    root / "stage_2_train" / f"{image_id}.dcm",
+                    np.mod(hu, 4096),
+                    patient=patient,
+                    series=UID + uid[1:],
+                    z=10.0 * k,
+                    bits_stored=12,
+                    intercept=0.0,
+                )
             else:
-                write_dicom(root / "stage_2_train" / f"{image_id}.dcm", hu + 1024, patient=patient,
-                            series=UID + uid[1:], z=10.0 * k)
+                write_dicom(
+                    root / "stage_2_train" / f"{image_id}.dcm",
+                    hu + 1024,
+                    patient=patient,
+                    series=UID + uid[1:],
+                    z=10.0 * k,
+                )
             for sub in CLASSES:
                 rows.append((f"{image_id}_{sub}", int(flag and sub in ("any", "subdural"))))
     with open(root / "stage_2_train.csv", "w", newline="") as fh:
@@ -140,7 +169,7 @@ def write_rsna(root: Path, series=RSNA_SERIES) -> Path:
 
 
 def write_nifti_cases(root: Path, n=4, layout="cases", values=(1,)) -> Path:
-    """n cases of (X, Y, 5) float MRI-like volumes; case i has lesions on slices >= i % 2 ... (case 0 none)."""
+    """n cases of (X, Y, 5) float MRI-like volumes; case i > 0 has its lesions on slice i, case 0 none."""
     root.mkdir(parents=True, exist_ok=True)
     affine = np.diag([1.0, 1.0, 2.0, 1.0])
     for i in range(n):
@@ -173,8 +202,11 @@ def refuses(make_params, tmp_path, source, path, match, **data) -> None:
     """prepare raises InvalidInputError matching ``match`` and leaves nothing in the output folder."""
     out = tmp_path / "out" / "dataset.h5"
     with pytest.raises(InvalidInputError, match=match):
-        prepare.run(make_params(data={"source": source, "path": str(path), "image_size": 32, **data}), out,
-                    tmp_path / "out" / "montage.png")
+        prepare.run(
+            make_params(data={"source": source, "path": str(path), "image_size": 32, **data}),
+            out,
+            tmp_path / "out" / "montage.png",
+        )
     assert not out.parent.exists() or not any(out.parent.iterdir())
 
 
@@ -196,7 +228,9 @@ def test_ct_ich_import(make_params, tmp_path):
     image = d.images(slice(0, 4))
     assert image.min() == -1000 and (image[:, 16, 16] == [30 + 10 * k + 49 % 3 for k in range(4)]).all()
     prov = json.loads(d.h5.attrs["provenance"])
-    assert prov["files"] == {"ct_scans": 5, "masks": 5, "csv_rows": 20} and prov["label_mask_disagreements"] == 0
+    assert (
+        prov["files"] == {"ct_scans": 5, "masks": 5, "csv_rows": 20} and prov["label_mask_disagreements"] == 0
+    )
 
 
 def test_ct_ich_flipped_z_keeps_labels_on_their_slices(make_params, tmp_path):
@@ -214,7 +248,13 @@ def test_ct_ich_bad_inputs(make_params, tmp_path):
     refuses(make_params, tmp_path, "ct-ich", tmp_path / "nowhere", r"nowhere does not exist")
 
     (root / "ct_scans" / "068.nii").write_bytes((root / "ct_scans" / "067.nii").read_bytes())
-    refuses(make_params, tmp_path, "ct-ich", root, r"068\.nii'\] have no rows in .*hemorrhage_diagnosis_raw_ct\.csv")
+    refuses(
+        make_params,
+        tmp_path,
+        "ct-ich",
+        root,
+        r"068\.nii'\] have no rows in .*hemorrhage_diagnosis_raw_ct\.csv",
+    )
     (root / "ct_scans" / "068.nii").unlink()
 
     (root / "ct_scans" / "067.nii").rename(tmp_path / "067.nii")
@@ -233,7 +273,13 @@ def test_ct_ich_bad_inputs(make_params, tmp_path):
     bad = mask.copy()
     bad[0, 0, 0], bad[1, 1, 1] = 2, 1
     nib.save(nib.Nifti1Image(bad, np.diag([0.5, 0.5, 5, 1])), root / "masks" / "066.nii")
-    refuses(make_params, tmp_path, "ct-ich", root, r"066\.nii: mask values \[0, 1, 2\] are outside the class range")
+    refuses(
+        make_params,
+        tmp_path,
+        "ct-ich",
+        root,
+        r"066\.nii: mask values \[0, 1, 2\] are outside the class range",
+    )
     nib.save(nib.Nifti1Image(mask, np.diag([0.5, 0.5, 5, 1])), root / "masks" / "066.nii")
 
     nan = image.astype(np.float32)
@@ -252,11 +298,19 @@ def test_ct_ich_csv_problems(make_params, tmp_path):
     good = csv_path.read_text()
     # A name from the CSV cannot point outside data.path: patient numbers must be integers.
     csv_path.write_text(good.replace("\n49,1,", "\n../49,1,", 1))
-    refuses(make_params, tmp_path, "ct-ich", root, r"row 2, column PatientNumber must be an integer, got '\.\./49'")
+    refuses(
+        make_params,
+        tmp_path,
+        "ct-ich",
+        root,
+        r"row 2, column PatientNumber must be an integer, got '\.\./49'",
+    )
     csv_path.write_text(good.replace("Fracture_Yes_No", "Fracture"))
     refuses(make_params, tmp_path, "ct-ich", root, r"missing columns \['Fracture_Yes_No'\]")
     csv_path.write_text(good.replace("\n49,1,0,0,0,0,0,1,", "\n49,1,0,0,0,0,0,7,", 1))
-    refuses(make_params, tmp_path, "ct-ich", root, r"row 2, column No_Hemorrhage must be one of \[0, 1\], got '7'")
+    refuses(
+        make_params, tmp_path, "ct-ich", root, r"row 2, column No_Hemorrhage must be one of \[0, 1\], got '7'"
+    )
     csv_path.unlink()
     refuses(make_params, tmp_path, "ct-ich", root, r"hemorrhage_diagnosis_raw_ct\.csv: file not found")
 
@@ -264,7 +318,13 @@ def test_ct_ich_csv_problems(make_params, tmp_path):
 def test_split_needs_positive_patients(make_params, tmp_path):
     patients = {49: [0, 1], 50: [0, 0], 51: [1, 0], 52: [0, 0], 53: [0, 0]}
     root = write_ct_ich(tmp_path / "ct-ich", patients=patients)
-    refuses(make_params, tmp_path, "ct-ich", root, r"only 2 patients have a positive slice, so a split would get no positive patient")
+    refuses(
+        make_params,
+        tmp_path,
+        "ct-ich",
+        root,
+        r"only 2 patients have a positive slice, so a split would get no positive patient",
+    )
 
 
 def test_wrong_layout_for_source(make_params, tmp_path):
@@ -272,7 +332,9 @@ def test_wrong_layout_for_source(make_params, tmp_path):
     refuses(make_params, tmp_path, "ct-ich", root, r"hemorrhage_diagnosis_raw_ct\.csv: file not found")
     refuses(make_params, tmp_path, "rsna", root, r"stage_2_train\.csv: file not found")
     write_ct_ich_csv(root / "hemorrhage_diagnosis_raw_ct.csv", CT_ICH_PATIENTS)
-    refuses(make_params, tmp_path, "ct-ich-png", root, r"image: folder not found; the CT-ICH PNG export keeps")
+    refuses(
+        make_params, tmp_path, "ct-ich-png", root, r"image: folder not found; the CT-ICH PNG export keeps"
+    )
 
 
 # -------------------------------------------------------------------------------------- ct-ich-png
@@ -294,7 +356,9 @@ def test_ct_ich_png_import(make_params, tmp_path):
 def test_ct_ich_png_bad_inputs(make_params, tmp_path):
     root = write_ct_ich_png(tmp_path / "png")
     (root / "image" / "19.png").unlink()
-    refuses(make_params, tmp_path, "ct-ich-png", root, r"rows \[19\] \(0-based\) have no file image/<row>\.png")
+    refuses(
+        make_params, tmp_path, "ct-ich-png", root, r"rows \[19\] \(0-based\) have no file image/<row>\.png"
+    )
     Image.fromarray(np.zeros((X, Y), np.uint8)).save(root / "image" / "19.png")
     Image.fromarray(np.zeros((X, Y), np.uint8)).save(root / "label" / "20.png")
     refuses(make_params, tmp_path, "ct-ich-png", root, r"label: files \['20\.png'\] have no row in")
@@ -302,7 +366,13 @@ def test_ct_ich_png_bad_inputs(make_params, tmp_path):
     Image.fromarray(np.zeros((X, Y - 2), np.uint8)).save(root / "label" / "19.png")
     refuses(make_params, tmp_path, "ct-ich-png", root, r"label/19\.png: shape \(20, 22\) does not match")
     Image.fromarray(np.full((X, Y), 128, np.uint8)).save(root / "label" / "19.png")
-    refuses(make_params, tmp_path, "ct-ich-png", root, r"label/19\.png: mask values \[128\] are outside the class range")
+    refuses(
+        make_params,
+        tmp_path,
+        "ct-ich-png",
+        root,
+        r"label/19\.png: mask values \[128\] are outside the class range",
+    )
 
 
 # -------------------------------------------------------------------------------------------- rsna
@@ -332,8 +402,14 @@ def test_rsna_unreadable_files(make_params, tmp_path):
     root = write_rsna(tmp_path / "rsna")
     bad = root / "stage_2_train" / "ID_000000a.dcm"
     bad.write_bytes(b"garbage")
-    refuses(make_params, tmp_path, "rsna", root, r"1 of 18 DICOM files \(5\.6%\) are unreadable, above "
-            r"data\.max_unreadable_fraction=0\.01: ID_000000a\.dcm")
+    refuses(
+        make_params,
+        tmp_path,
+        "rsna",
+        root,
+        r"1 of 18 DICOM files \(5\.6%\) are unreadable, above "
+        r"data\.max_unreadable_fraction=0\.01: ID_000000a\.dcm",
+    )
     d = prepared(make_params, tmp_path, "rsna", root, max_unreadable_fraction=0.1)
     assert d.n == 17 and list(json.loads(d.h5.attrs["provenance"])["unreadable"]) == ["ID_000000a.dcm"]
 
@@ -343,11 +419,23 @@ def test_rsna_bad_inputs(make_params, tmp_path):
     csv_path = root / "stage_2_train.csv"
     good = csv_path.read_text()
     csv_path.write_text(good.replace("ID_000000a_any", "ID_../../etc_any"))
-    refuses(make_params, tmp_path, "rsna", root, r"row 2, ID 'ID_\.\./\.\./etc_any' is not ID_<image>_<subtype>")
-    csv_path.write_text("".join(line for line in good.splitlines(True) if not line.startswith("ID_000000a_subdural")))
-    refuses(make_params, tmp_path, "rsna", root, r"images \['ID_000000a'\] lack rows for some of the subtypes")
+    refuses(
+        make_params, tmp_path, "rsna", root, r"row 2, ID 'ID_\.\./\.\./etc_any' is not ID_<image>_<subtype>"
+    )
+    csv_path.write_text(
+        "".join(line for line in good.splitlines(True) if not line.startswith("ID_000000a_subdural"))
+    )
+    refuses(
+        make_params, tmp_path, "rsna", root, r"images \['ID_000000a'\] lack rows for some of the subtypes"
+    )
     csv_path.write_text(good + "".join(f"ID_ffffffa_{s},0\n" for s in CLASSES))
-    refuses(make_params, tmp_path, "rsna", root, r"rows of 1 images have no ID_<image>\.dcm file .*\['ID_ffffffa'\]")
+    refuses(
+        make_params,
+        tmp_path,
+        "rsna",
+        root,
+        r"rows of 1 images have no ID_<image>\.dcm file .*\['ID_ffffffa'\]",
+    )
     csv_path.write_text(good)
     (root / "ID_eeeeeea.dcm").write_bytes((root / "stage_2_train" / "ID_000000a.dcm").read_bytes())
     refuses(make_params, tmp_path, "rsna", root, r"1 DICOM files have no rows in .*\['ID_eeeeeea\.dcm'\]")
@@ -376,7 +464,12 @@ def test_nifti_folder_import(make_params, tmp_path, layout):
 def test_nifti_folder_multiclass_and_percentile(make_params, tmp_path):
     root = write_nifti_cases(tmp_path / "nifti", values=(1, 3))
     d = prepared(make_params, tmp_path, "nifti-folder", root, intensity="percentile")
-    assert d.mask_classes == ["label_1", "label_2", "label_3"] and d.classes == ["any", "label_1", "label_2", "label_3"]
+    assert d.mask_classes == ["label_1", "label_2", "label_3"] and d.classes == [
+        "any",
+        "label_1",
+        "label_2",
+        "label_3",
+    ]
     assert d.label[:, 1].sum() == 3 and d.label[:, 2].sum() == 0 and d.label[:, 3].sum() == 3
     # Case 0 (no lesion): its non-zero voxels run 200..240 HU over the slices, mapped to 0..1000.
     assert d.images(slice(0, 5))[:, 16, 16].tolist() == [0, 250, 500, 750, 1000]
@@ -386,16 +479,32 @@ def test_nifti_folder_bad_inputs(make_params, tmp_path):
     root = write_nifti_cases(tmp_path / "nifti")
     affine = np.diag([1.0, 1.0, 2.0, 1.0])
     nib.save(nib.Nifti1Image(np.zeros((X, Y, 5), np.float32), affine), root / "case1" / "T1.nii.gz")
-    refuses(make_params, tmp_path, "nifti-folder", root, r"case1: expected one image and one mask\.nii\(\.gz\)")
+    refuses(
+        make_params, tmp_path, "nifti-folder", root, r"case1: expected one image and one mask\.nii\(\.gz\)"
+    )
     (root / "case1" / "T1.nii.gz").unlink()
     nib.save(nib.Nifti1Image(np.full((X, Y, 5), 0.5, np.float32), affine), root / "case1" / "mask.nii.gz")
-    refuses(make_params, tmp_path, "nifti-folder", root, r"case1/mask\.nii\.gz: mask values must be whole numbers")
+    refuses(
+        make_params, tmp_path, "nifti-folder", root, r"case1/mask\.nii\.gz: mask values must be whole numbers"
+    )
     nib.save(nib.Nifti1Image(np.zeros((X, Y, 4), np.uint8), affine), root / "case1" / "mask.nii.gz")
-    refuses(make_params, tmp_path, "nifti-folder", root, r"case1/mask\.nii\.gz: mask shape .* does not match its image")
+    refuses(
+        make_params,
+        tmp_path,
+        "nifti-folder",
+        root,
+        r"case1/mask\.nii\.gz: mask shape .* does not match its image",
+    )
     big = np.full((X, Y, 5), 1e6, np.float32)
     nib.save(nib.Nifti1Image(np.zeros((X, Y, 5), np.uint8), affine), root / "case1" / "mask.nii.gz")
     nib.save(nib.Nifti1Image(big, affine), root / "case1" / "FLAIR.nii.gz")
-    refuses(make_params, tmp_path, "nifti-folder", root, r"FLAIR\.nii\.gz: values .* do not fit int16 HU; for MRI set data\.intensity: percentile")
+    refuses(
+        make_params,
+        tmp_path,
+        "nifti-folder",
+        root,
+        r"FLAIR\.nii\.gz: values .* do not fit int16 HU; for MRI set data\.intensity: percentile",
+    )
     empty = tmp_path / "empty"
     (empty / "case0").mkdir(parents=True)
     refuses(make_params, tmp_path, "nifti-folder", empty, r"empty: no NIfTI volumes found")
@@ -412,4 +521,7 @@ def test_nifti_folder_on_real_mri(make_params, tmp_path, open_ms_data):
     assert sorted(int(d.split[d.patient == p][0]) for p in range(3)) == [0, 1, 2]
     assert (d.has_mask == (d.split > 0)).all()
     prov = json.loads(d.h5.attrs["provenance"])
-    assert prov["volume_patient"] == ["patient07", "patient19", "patient26"] and prov["intensity"] == "percentile"
+    assert (
+        prov["volume_patient"] == ["patient07", "patient19", "patient26"]
+        and prov["intensity"] == "percentile"
+    )

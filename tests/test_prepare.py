@@ -18,7 +18,10 @@ from weak2full.importers.resample import area_weights, resample_volume
 from weak2full.params import SplitParams
 
 ROOT = Path(__file__).resolve().parents[1]
-SMALL = {"image_size": 64, "synthetic": {"patients": 10, "slices_per_patient": 8, "positive_patient_fraction": 0.6}}
+SMALL = {
+    "image_size": 64,
+    "synthetic": {"patients": 10, "slices_per_patient": 8, "positive_patient_fraction": 0.6},
+}
 
 
 def patients_with(d: DatasetFile, split: int, positive: bool | None = None) -> set:
@@ -69,7 +72,9 @@ def test_generic_checks_catch_a_bad_generator(make_params, tmp_path, monkeypatch
 
     monkeypatch.setattr(synthetic, "generate", broken)
     out = tmp_path / "dataset.h5"
-    with pytest.raises(InvalidInputError, match=r"synthetic patient 0: mask value 7 is outside the class range 0\.\.5"):
+    with pytest.raises(
+        InvalidInputError, match=r"synthetic patient 0: mask value 7 is outside the class range 0\.\.5"
+    ):
         prepare.run(make_params(data=SMALL), out, tmp_path / "montage.png")
     assert list(tmp_path.iterdir()) == []
 
@@ -97,7 +102,9 @@ def test_split_patients_stratified_and_seeded():
 def test_split_patients_without_positives_and_errors():
     split, _ = prepare.split_patients(["a", "b", "c"], [False] * 3, SplitParams(), seed=0, annotatable=True)
     assert sorted(split.values()) == [0, 1, 2]
-    with pytest.raises(InvalidInputError, match=r"the data holds 2 patients; train, val and test need at least 3"):
+    with pytest.raises(
+        InvalidInputError, match=r"the data holds 2 patients; train, val and test need at least 3"
+    ):
         prepare.split_patients(["a", "b"], [True, True], SplitParams(), seed=0, annotatable=True)
     with pytest.raises(InvalidInputError, match=r"only 1 patients have a positive slice"):
         prepare.split_patients(list("abcdef"), [True] + [False] * 5, SplitParams(), seed=0, annotatable=True)
@@ -133,10 +140,25 @@ def test_stage_script_reports_bad_input_in_one_line(tmp_path):
     (tmp_path / "params.yaml").write_text(f"data:\n  source: ct-ich\n  path: {tmp_path / 'missing'}\n")
     out = tmp_path / "dataset.h5"
     res = subprocess.run(
-        [sys.executable, str(ROOT / "stages" / "prepare.py"), "--params", str(tmp_path / "params.yaml"),
-         "--out", str(out), "--montage", str(tmp_path / "montage.png")],
-        capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            str(ROOT / "stages" / "prepare.py"),
+            "--params",
+            str(tmp_path / "params.yaml"),
+            "--out",
+            str(out),
+            "--montage",
+            str(tmp_path / "montage.png"),
+        ],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert res.returncode == 2
-    assert res.stderr.strip() == f"prepare: error: data.path {tmp_path / 'missing'} does not exist or is not a folder (source 'ct-ich')."
+    assert (
+        res.stderr.strip()
+        == f"prepare: error: data.path {tmp_path / 'missing'} does not exist or is not a folder "
+        "(source 'ct-ich')."
+    )
     assert not out.exists() and not (tmp_path / "montage.png").exists()

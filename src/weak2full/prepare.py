@@ -17,18 +17,19 @@ anything is written.
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional, Sequence
 
 import numpy as np
+from tqdm import tqdm
 
 from weak2full.errors import InvalidInputError
 from weak2full.h5 import SPLITS, atomic_output, write_dataset
 from weak2full.importers import Source, Volume, load_source, resample_volume
 from weak2full.params import DataParams, Params, SplitParams
 
-__all__ = ["run", "synthetic_source", "assemble", "split_patients", "Assembled", "render_montage"]
+__all__ = ["Assembled", "assemble", "render_montage", "run", "split_patients", "synthetic_source"]
 
 _INT16 = np.iinfo(np.int16)
 
@@ -52,8 +53,22 @@ def synthetic_source(data: DataParams, seed: int) -> Source:
                 tuple(gen.pixel_spacing),
             )
 
-    provenance = {"generator": data.synthetic.model_dump(mode="json"), "seed": seed, "image_size": data.image_size}
-    return Source("synthetic", None, list(synthetic.CLASSES), list(synthetic.MASK_CLASSES), True, volumes(), provenance)
+    provenance = {
+        "generator": data.synthetic.model_dump(mode="json"),
+        "seed": seed,
+        "image_size": data.image_size,
+    }
+    n = len(np.unique(gen.patient))
+    return Source(
+        "synthetic",
+        None,
+        list(synthetic.CLASSES),
+        list(synthetic.MASK_CLASSES),
+        True,
+        n,
+        volumes(),
+        provenance,
+    )
 
 
 @dataclass
@@ -82,7 +97,9 @@ def _check_volume(v: Volume, source: Source) -> None:
         raise InvalidInputError(f"{v.origin}: labels must be 0/1 of shape ({z}, {k}), got {v.label.shape}.")
     if v.mask is not None:
         if v.mask.shape != v.image.shape:
-            raise InvalidInputError(f"{v.origin}: mask shape {v.mask.shape} does not match image {v.image.shape}.")
+            raise InvalidInputError(
+                f"{v.origin}: mask shape {v.mask.shape} does not match image {v.image.shape}."
+            )
         top = int(v.mask.max(initial=0))
         if top > len(source.mask_classes):
             raise InvalidInputError(
@@ -94,7 +111,10 @@ def _check_volume(v: Volume, source: Source) -> None:
 def assemble(source: Source, size: int) -> Assembled:
     """Consume ``source.volumes``: check each volume, resample it to ``size``, stack everything."""
     images, masks, labels, volume, slices, groups, spacings = [], [], [], [], [], [], []
-    for i, v in enumerate(source.volumes):
+    progress = tqdm(
+        source.volumes, total=source.count, desc=f"prepare {source.name}", unit="volume", disable=None
+    )
+    for i, v in enumerate(progress):
         _check_volume(v, source)
         image, mask, spacing = resample_volume(v.image, v.mask, v.spacing, size, float(v.image.min()))
         if mask is None:  # a source without masks (RSNA): all background, never annotated
@@ -168,7 +188,9 @@ def split_patients(
             else:
                 n_test -= 1
         for i, key in enumerate(order):
-            split[key] = SPLITS["val"] if i < n_val else SPLITS["test"] if i < n_val + n_test else SPLITS["train"]
+            split[key] = (
+                SPLITS["val"] if i < n_val else SPLITS["test"] if i < n_val + n_test else SPLITS["train"]
+            )
 
     annotated = {k: False for k in keys}
     if annotatable:
@@ -183,8 +205,14 @@ def split_patients(
 
 
 def _short(cls: str) -> str:
-    return {"any": "any", "epidural": "EDH", "intraparenchymal": "IPH", "intraventricular": "IVH",
-            "subarachnoid": "SAH", "subdural": "SDH"}.get(cls, cls)
+    return {
+        "any": "any",
+        "epidural": "EDH",
+        "intraparenchymal": "IPH",
+        "intraventricular": "IVH",
+        "subarachnoid": "SAH",
+        "subdural": "SDH",
+    }.get(cls, cls)
 
 
 def montage_rows(label: np.ndarray, mask: np.ndarray, n: int = 12) -> np.ndarray:
@@ -227,7 +255,9 @@ def render_montage(
     level, width = window
     for i, r in enumerate(rows):
         ax = fig.add_subplot(-(-len(rows) // cols), cols, i + 1)
-        ax.imshow(image[r], cmap="gray", vmin=level - width / 2, vmax=level + width / 2, interpolation="nearest")
+        ax.imshow(
+            image[r], cmap="gray", vmin=level - width / 2, vmax=level + width / 2, interpolation="nearest"
+        )
         if mask[r].any():
             ax.contour(mask[r] > 0, levels=[0.5], colors="red", linewidths=0.8)
         found = [_short(c) for c, on in zip(classes, label[r]) if on and c != "any"]
@@ -240,12 +270,14 @@ def render_montage(
         fig.savefig(tmp, format="png", dpi=90)
 
 
-def run(params: Params, out: Path, montage: Optional[Path] = None) -> None:
+def run(params: Params, out: Path, montage: Path | None = None) -> None:
     """Build ``out`` (dataset.h5) from ``params.data`` and, when given, the montage PNG."""
     data, seed = params.data, params.common.seed
     source = synthetic_source(data, seed) if data.source == "synthetic" else load_source(data)
     if not source.classes or source.classes[0] != "any":
-        raise InvalidInputError(f"source '{source.name}': the first class must be 'any', got {source.classes}.")
+        raise InvalidInputError(
+            f"source '{source.name}': the first class must be 'any', got {source.classes}."
+        )
     arr = assemble(source, data.image_size)
 
     volume_positive = np.zeros(len(arr.groups), bool)
@@ -271,7 +303,7 @@ def run(params: Params, out: Path, montage: Optional[Path] = None) -> None:
         "volumes": len(arr.groups),
         "patients": len(keys),
         "positive_patients": int(sum(group_positive.values())),
-        "slices": int(len(arr.image)),
+        "slices": len(arr.image),
         "positive_slices": int((arr.label[:, 0] > 0).sum()),
         "annotated_slices": int(has_mask.sum()),
         # One id per volume in `patient`; this maps it back to the source's own patient name.
@@ -279,7 +311,10 @@ def run(params: Params, out: Path, montage: Optional[Path] = None) -> None:
         **source.provenance,
     }
     if arr.spacings:
-        provenance["pixel_spacing_range"] = [np.min(arr.spacings, axis=0).tolist(), np.max(arr.spacings, axis=0).tolist()]
+        provenance["pixel_spacing_range"] = [
+            np.min(arr.spacings, axis=0).tolist(),
+            np.max(arr.spacings, axis=0).tolist(),
+        ]
     write_dataset(
         out,
         image=arr.image,
@@ -299,4 +334,14 @@ def run(params: Params, out: Path, montage: Optional[Path] = None) -> None:
     )
     if montage is not None:
         window = (500.0, 1000.0) if data.intensity == "percentile" else (40.0, 80.0)
-        render_montage(Path(montage), arr.image, arr.mask, arr.label, arr.volume, arr.slice, split, source.classes, window)
+        render_montage(
+            Path(montage),
+            arr.image,
+            arr.mask,
+            arr.label,
+            arr.volume,
+            arr.slice,
+            split,
+            source.classes,
+            window,
+        )

@@ -7,7 +7,7 @@ resamples each volume to ``data.image_size`` as it arrives. Errors name the file
 (:class:`~weak2full.errors.InvalidInputError`); nothing is written by an importer.
 
 =================  ===============================================================================
-``ct-ich``         PhysioNet CT-ICH: ``ct_scans/NNN.nii``, ``masks/NNN.nii``, ``hemorrhage_diagnosis_raw_ct.csv``
+``ct-ich``         PhysioNet CT-ICH: ``ct_scans/NNN.nii``, ``masks/NNN.nii``, the diagnosis CSV
 ``ct-ich-png``     its PNG export: ``image/<row>.png``, ``label/<row>.png`` (brain window 40/120) + the CSV
 ``rsna``           RSNA ICH: DICOM files + ``stage_2_train.csv`` (slice labels only, no masks)
 ``nifti-folder``   ``<case>/<image>.nii(.gz)`` + ``<case>/mask.nii(.gz)``, or ``images/`` + ``masks/``
@@ -16,15 +16,15 @@ resamples each volume to ``data.image_size`` as it arrives. Errors name the file
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from weak2full.errors import InvalidInputError
 from weak2full.importers import ct_ich, ct_ich_png, nifti_folder, rsna
 from weak2full.importers._common import CLASSES, SUBTYPES, Source, Volume
 from weak2full.importers.resample import resample_volume
 
-__all__ = ["Volume", "Source", "IMPORTERS", "load_source", "resample_volume", "SUBTYPES", "CLASSES"]
+__all__ = ["CLASSES", "IMPORTERS", "SUBTYPES", "Source", "Volume", "load_source", "resample_volume"]
 
 IMPORTERS: dict[str, Callable[..., Source]] = {
     "ct-ich": ct_ich.load,
@@ -40,5 +40,7 @@ def load_source(data) -> Source:
         raise InvalidInputError(f"no importer for source '{data.source}'; choose one of {list(IMPORTERS)}.")
     root = Path(data.path)
     if not root.is_dir():
-        raise InvalidInputError(f"data.path {root} does not exist or is not a folder (source '{data.source}').")
+        raise InvalidInputError(
+            f"data.path {root} does not exist or is not a folder (source '{data.source}')."
+        )
     return IMPORTERS[data.source](root, data)

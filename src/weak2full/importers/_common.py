@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import csv
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Optional, Sequence
 
 import nibabel as nib
 import numpy as np
@@ -32,8 +32,8 @@ class Volume:
     origin: str
     image: np.ndarray
     label: np.ndarray
-    mask: Optional[np.ndarray]
-    spacing: Optional[tuple[float, float]]
+    mask: np.ndarray | None
+    spacing: tuple[float, float] | None
 
 
 @dataclass
@@ -45,10 +45,11 @@ class Source:
     """
 
     name: str
-    root: Optional[Path]  # None for the synthetic generator
+    root: Path | None  # None for the synthetic generator
     classes: list[str]
     mask_classes: list[str]
     has_masks: bool
+    count: int  # number of volumes ``volumes`` will yield (fewer if files turn out unreadable)
     volumes: Iterator[Volume]
     provenance: dict = field(default_factory=dict)
 
@@ -59,8 +60,8 @@ def require_dir(path: Path, what: str) -> Path:
     return path
 
 
-def read_csv(path: Path, columns: Sequence[str]) -> list[dict[str, str]]:
-    """Rows of a CSV file as dicts, after checking that the header has ``columns``."""
+def read_csv(path: Path, columns: Sequence[str]) -> Iterator[dict[str, str]]:
+    """Rows of a CSV file as dicts, streamed (RSNA's has millions), after checking the header."""
     if not path.is_file():
         raise InvalidInputError(f"{path}: file not found.")
     with open(path, newline="") as fh:
@@ -68,10 +69,12 @@ def read_csv(path: Path, columns: Sequence[str]) -> list[dict[str, str]]:
         missing = [c for c in columns if c not in (reader.fieldnames or [])]
         if missing:
             raise InvalidInputError(f"{path}: missing columns {missing} (found {reader.fieldnames}).")
-        rows = list(reader)
-    if not rows:
+        empty = True
+        for row in reader:
+            empty = False
+            yield row
+    if empty:
         raise InvalidInputError(f"{path}: the CSV has no rows.")
-    return rows
 
 
 def csv_int(path: Path, row: int, column: str, value: str, allowed: Sequence[int] | None = None) -> int:
@@ -92,7 +95,8 @@ def binary_mask(mask: np.ndarray, origin: str) -> np.ndarray:
     fg = values[values != 0]
     if fg.size > 1 or (fg.size == 1 and fg[0] not in (1, 255)):
         raise InvalidInputError(
-            f"{origin}: mask values [{', '.join(f'{v:g}' for v in values[:10])}] are outside the class range: this source "
+            f"{origin}: mask values [{', '.join(f'{v:g}' for v in values[:10])}] are outside the class "
+            "range: this source "
             "outlines every bleed as one class, so a mask may hold 0 and one of 1 or 255."
         )
     return (mask > 0).astype(np.uint8)
@@ -115,7 +119,7 @@ def nifti_header(path: Path):
     """The lazily loaded NIfTI image (header and affine; voxels stay on disk)."""
     try:
         return nib.load(str(path))
-    except Exception as exc:  # nibabel raises several types for truncated or foreign files
+    except Exception as exc:  # noqa: BLE001 - nibabel raises many types for truncated or foreign files
         raise InvalidInputError(f"{path}: not a readable NIfTI file ({exc}).") from None
 
 
@@ -128,7 +132,7 @@ def read_axial(path: Path) -> AxialVolume:
         ornt = nib.io_orientation(img.affine)  # per stored axis: (RAS axis, +1/-1)
         canon = nib.as_closest_canonical(img)
         data = np.asarray(canon.dataobj, dtype=np.float32)  # (X right, Y anterior, Z superior)
-    except Exception as exc:  # a header that reads but voxels that do not (a truncated file)
+    except Exception as exc:  # noqa: BLE001 - a header that reads, voxels that do not (truncated)
         raise InvalidInputError(f"{path}: not a readable NIfTI file ({exc}).") from None
     stored_axis = int(np.flatnonzero(ornt[:, 0] == 2)[0])
     z = data.shape[2]

@@ -14,8 +14,8 @@ axial view (inferior to superior); a slice's CSV row is found through its index 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import nibabel as nib
 import numpy as np
@@ -50,7 +50,9 @@ def read_diagnosis(csv_path: Path) -> dict[int, dict[int, tuple[np.ndarray, int]
         patient = csv_int(csv_path, i, "PatientNumber", row["PatientNumber"])
         number = csv_int(csv_path, i, "SliceNumber", row["SliceNumber"])
         if number < 1:
-            raise InvalidInputError(f"{csv_path}: row {i + 2}, SliceNumber must be >= 1 (1-based), got {number}.")
+            raise InvalidInputError(
+                f"{csv_path}: row {i + 2}, SliceNumber must be >= 1 (1-based), got {number}."
+            )
         subtypes = [csv_int(csv_path, i, c, row[c], (0, 1)) for c in SUBTYPE_COLUMNS]
         none = csv_int(csv_path, i, "No_Hemorrhage", row["No_Hemorrhage"], (0, 1))
         csv_int(csv_path, i, "Fracture_Yes_No", row["Fracture_Yes_No"], (0, 1))
@@ -84,14 +86,18 @@ def load(root: Path, data) -> Source:
 
     if set(table) - set(scans):
         missing = sorted(set(table) - set(scans))
-        raise InvalidInputError(f"{csv_path}: CSV rows of patients {missing} have no file in {root / 'ct_scans'}.")
+        raise InvalidInputError(
+            f"{csv_path}: CSV rows of patients {missing} have no file in {root / 'ct_scans'}."
+        )
     if set(scans) - set(table):
         extra = [scans[p].name for p in sorted(set(scans) - set(table))]
         raise InvalidInputError(f"{root / 'ct_scans'}: files {extra} have no rows in {csv_path}.")
     if set(scans) != set(masks):
         lost = [scans[p].name for p in sorted(set(scans) - set(masks))]
         stray = [masks[p].name for p in sorted(set(masks) - set(scans))]
-        raise InvalidInputError(f"{root / 'masks'}: masks missing for {lost}, masks without a CT volume {stray}.")
+        raise InvalidInputError(
+            f"{root / 'masks'}: masks missing for {lost}, masks without a CT volume {stray}."
+        )
 
     # Headers are cheap: check slice counts and orientation before any voxel is read.
     for patient, path in scans.items():
@@ -114,7 +120,11 @@ def load(root: Path, data) -> Source:
             )
 
     provenance = {
-        "files": {"ct_scans": len(scans), "masks": len(masks), "csv_rows": sum(len(t) for t in table.values())},
+        "files": {
+            "ct_scans": len(scans),
+            "masks": len(masks),
+            "csv_rows": sum(len(t) for t in table.values()),
+        },
         "label_mask_disagreements": 0,  # slices whose `any` label and mask disagree, filled while reading
     }
 
@@ -124,12 +134,15 @@ def load(root: Path, data) -> Source:
             origin = f"{scans[patient]}"
             if seg.data.shape != ct.data.shape or not same_orientation(ct.affine, seg.affine):
                 raise InvalidInputError(
-                    f"{masks[patient]}: mask shape {seg.data.shape} or orientation does not match its CT volume "
+                    f"{masks[patient]}: mask shape {seg.data.shape} or orientation does not match its CT "
+                    "volume "
                     f"{scans[patient]} {ct.data.shape}."
                 )
             mask = binary_mask(seg.data, str(masks[patient]))
             label = np.stack([table[patient][int(k) + 1][0] for k in ct.stored_index])
-            provenance["label_mask_disagreements"] += int(((mask.max(axis=(1, 2)) > 0) != (label[:, 0] > 0)).sum())
+            provenance["label_mask_disagreements"] += int(
+                ((mask.max(axis=(1, 2)) > 0) != (label[:, 0] > 0)).sum()
+            )
             yield Volume(str(patient), origin, ct.data, label, mask, ct.spacing)
 
-    return Source("ct-ich", root, list(CLASSES), ["any"], True, volumes(), provenance)
+    return Source("ct-ich", root, list(CLASSES), ["any"], True, len(scans), volumes(), provenance)

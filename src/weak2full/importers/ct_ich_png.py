@@ -12,8 +12,8 @@ clipped: bone and air read as 100 and -20. The export carries no pixel spacing.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 from PIL import Image
@@ -35,12 +35,14 @@ def read_png(path: Path) -> np.ndarray:
     try:
         with Image.open(path) as im:
             arr = np.asarray(im)
-    except Exception as exc:  # PIL raises several types for broken files
+    except Exception as exc:  # noqa: BLE001 - PIL raises many types for broken files
         raise InvalidInputError(f"{path}: not a readable PNG ({exc}).") from None
     if arr.ndim == 3 and arr.shape[2] in (3, 4) and (arr[..., :3] == arr[..., :1]).all():
         arr = arr[..., 0]
     if arr.ndim != 2 or arr.dtype != np.uint8:
-        raise InvalidInputError(f"{path}: expected an 8-bit greyscale PNG, got shape {arr.shape}, {arr.dtype}.")
+        raise InvalidInputError(
+            f"{path}: expected an 8-bit greyscale PNG, got shape {arr.shape}, {arr.dtype}."
+        )
     return arr
 
 
@@ -69,7 +71,9 @@ def load(root: Path, data) -> Source:
             )
         if set(files) - rows:
             extra = [files[r].name for r in sorted(set(files) - rows)]
-            raise InvalidInputError(f"{root / folder}: files {extra[:10]} have no row in {csv_path} ({n_rows} rows).")
+            raise InvalidInputError(
+                f"{root / folder}: files {extra[:10]} have no row in {csv_path} ({n_rows} rows)."
+            )
 
     def volumes() -> Iterator[Volume]:
         for patient in sorted(table):
@@ -88,5 +92,8 @@ def load(root: Path, data) -> Source:
             origin = f"{root / 'image'} rows {rows[0]}..{rows[-1]} (patient {patient})"
             yield Volume(str(patient), origin, png_to_hu(np.stack(image)), label, mask_stack, None)
 
-    provenance = {"files": {"image": len(images), "label": len(labels), "csv_rows": n_rows}, "window": [LEVEL, WIDTH]}
-    return Source("ct-ich-png", root, list(CLASSES), ["any"], True, volumes(), provenance)
+    provenance = {
+        "files": {"image": len(images), "label": len(labels), "csv_rows": n_rows},
+        "window": [LEVEL, WIDTH],
+    }
+    return Source("ct-ich-png", root, list(CLASSES), ["any"], True, len(table), volumes(), provenance)

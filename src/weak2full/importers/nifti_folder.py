@@ -16,8 +16,8 @@ percentile of non-zero voxels linearly to 0..1000 (MRI), values beyond stay beyo
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 
@@ -46,9 +46,13 @@ def find_pairs(root: Path) -> list[tuple[str, Path, Path]]:
         images = {_case_name(p): p for p in _niftis(root / "images")}
         masks = {_case_name(p): p for p in _niftis(root / "masks")}
         if set(images) - set(masks):
-            raise InvalidInputError(f"{root / 'masks'}: no mask for images {sorted(set(images) - set(masks))[:10]}.")
+            raise InvalidInputError(
+                f"{root / 'masks'}: no mask for images {sorted(set(images) - set(masks))[:10]}."
+            )
         if set(masks) - set(images):
-            raise InvalidInputError(f"{root / 'images'}: no image for masks {sorted(set(masks) - set(images))[:10]}.")
+            raise InvalidInputError(
+                f"{root / 'images'}: no image for masks {sorted(set(masks) - set(images))[:10]}."
+            )
         pairs = [(case, images[case], masks[case]) for case in sorted(images)]
     else:
         pairs = []
@@ -75,7 +79,12 @@ def find_pairs(root: Path) -> list[tuple[str, Path, Path]]:
 def mask_values(path: Path) -> np.ndarray:
     """Sorted distinct values of a mask volume, checked to be whole numbers in 0..255."""
     values = np.unique(np.asarray(nifti_header(path).dataobj))
-    if not np.all(np.isfinite(values)) or np.any(values != np.round(values)) or values.min() < 0 or values.max() > 255:
+    if (
+        not np.all(np.isfinite(values))
+        or np.any(values != np.round(values))
+        or values.min() < 0
+        or values.max() > 255
+    ):
         raise InvalidInputError(
             f"{path}: mask values must be whole numbers in 0..255 (0 background), got {values[:10].tolist()}."
         )
@@ -86,7 +95,9 @@ def percentile_scale(volume: np.ndarray, origin: str) -> np.ndarray:
     """Map the 1st..99th percentile of non-zero voxels to 0..1000 (float32)."""
     nonzero = volume[volume != 0]
     if nonzero.size == 0:
-        raise InvalidInputError(f"{origin}: the volume is all zeros; data.intensity 'percentile' has nothing to scale.")
+        raise InvalidInputError(
+            f"{origin}: the volume is all zeros; data.intensity 'percentile' has nothing to scale."
+        )
     lo, hi = np.percentile(nonzero, [1.0, 99.0])
     if hi <= lo:
         hi = lo + 1.0  # a constant volume: keep it constant instead of dividing by zero
@@ -114,8 +125,16 @@ def load(root: Path, data) -> Source:
             mask = mask.astype(np.uint8)
             values = image.data if data.intensity == "hu" else percentile_scale(image.data, str(image_path))
             fg = mask.reshape(len(mask), -1)
-            label = [fg.max(axis=1) > 0] + ([] if binary else [(fg == k).any(axis=1) for k in range(1, len(mask_classes) + 1)])
-            yield Volume(case, str(image_path), values, np.stack(label, axis=1).astype(np.uint8), mask, image.spacing)
+            label = [fg.max(axis=1) > 0] + (
+                [] if binary else [(fg == k).any(axis=1) for k in range(1, len(mask_classes) + 1)]
+            )
+            yield Volume(
+                case, str(image_path), values, np.stack(label, axis=1).astype(np.uint8), mask, image.spacing
+            )
 
-    provenance = {"files": {"images": len(pairs), "masks": len(pairs)}, "mask_values": present, "intensity": data.intensity}
-    return Source("nifti-folder", root, classes, mask_classes, True, volumes(), provenance)
+    provenance = {
+        "files": {"images": len(pairs), "masks": len(pairs)},
+        "mask_values": present,
+        "intensity": data.intensity,
+    }
+    return Source("nifti-folder", root, classes, mask_classes, True, len(pairs), volumes(), provenance)

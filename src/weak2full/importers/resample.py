@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Optional
-
 import numpy as np
 
-__all__ = ["resample_volume", "area_weights"]
+__all__ = ["area_weights", "resample_volume"]
 
 
 def area_weights(n_in: int, n_out: int) -> np.ndarray:
@@ -26,11 +24,11 @@ def area_weights(n_in: int, n_out: int) -> np.ndarray:
 
 def resample_volume(
     image: np.ndarray,
-    mask: Optional[np.ndarray],
-    spacing: Optional[tuple[float, float]],
+    mask: np.ndarray | None,
+    spacing: tuple[float, float] | None,
     size: int,
     pad_value: float,
-) -> tuple[np.ndarray, Optional[np.ndarray], Optional[tuple[float, float]]]:
+) -> tuple[np.ndarray, np.ndarray | None, tuple[float, float] | None]:
     """Bring (Z, H, W) slices to (Z, size, size).
 
     The slices are first padded to a square side S = max(H, W), centred, with ``pad_value`` (the caller
@@ -38,7 +36,7 @@ def resample_volume(
     The image is then area-averaged (float32 out), the mask (uint8) takes the nearest source pixel, and
     the pixel spacing (dy, dx) grows by S / size.
     """
-    z, h, w = image.shape
+    h, w = image.shape[1:]
     side = max(h, w)
     top, left = (side - h) // 2, (side - w) // 2
     pads = ((0, 0), (top, side - h - top), (left, side - w - left))

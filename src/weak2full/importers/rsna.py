@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import re
 from collections import defaultdict
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import pydicom
+from tqdm import tqdm
 
 from weak2full.errors import InvalidInputError
 from weak2full.importers._common import CLASSES, Source, Volume, read_csv
@@ -34,26 +35,28 @@ _LISTED = 20  # unreadable files named in an error message
 
 def read_labels(csv_path: Path) -> dict[str, np.ndarray]:
     """image id -> uint8 (6,) labels in CLASSES order; every image needs all six subtypes."""
+    unset = 255
     out: dict[str, np.ndarray] = {}
-    seen: dict[str, set] = defaultdict(set)
     for i, row in enumerate(read_csv(csv_path, ["ID", "Label"])):
         match = _ROW_ID.match(row["ID"] or "")
         if match is None:
             raise InvalidInputError(
-                f"{csv_path}: row {i + 2}, ID {row['ID']!r} is not ID_<image>_<subtype> with a subtype in {CLASSES}."
+                f"{csv_path}: row {i + 2}, ID {row['ID']!r} is not ID_<image>_<subtype> with a subtype "
+                f"in {CLASSES}."
             )
         if row["Label"] not in ("0", "1"):
             raise InvalidInputError(f"{csv_path}: row {i + 2}, Label must be 0 or 1, got {row['Label']!r}.")
         image, subtype = match.groups()
-        labels = out.setdefault(image, np.zeros(len(CLASSES), np.uint8))
+        labels = out.setdefault(image, np.full(len(CLASSES), unset, np.uint8))
         k, value = CLASSES.index(subtype), int(row["Label"])
-        if subtype in seen[image] and labels[k] != value:  # Kaggle's CSV repeats some rows, identically
+        if labels[k] not in (unset, value):  # Kaggle's CSV repeats some rows, identically
             raise InvalidInputError(f"{csv_path}: row {i + 2} gives {row['ID']} a second, different label.")
         labels[k] = value
-        seen[image].add(subtype)
-    incomplete = [img for img in out if len(seen[img]) != len(CLASSES)]
+    incomplete = [img for img, labels in out.items() if (labels == unset).any()]
     if incomplete:
-        raise InvalidInputError(f"{csv_path}: images {incomplete[:10]} lack rows for some of the subtypes {CLASSES}.")
+        raise InvalidInputError(
+            f"{csv_path}: images {incomplete[:10]} lack rows for some of the subtypes {CLASSES}."
+        )
     return out
 
 
@@ -88,7 +91,12 @@ def _header(path: Path) -> dict:
         "series": str(ds.SeriesInstanceUID),
         "z": float(ds.ImagePositionPatient[2]),
         "spacing": (float(ds.PixelSpacing[0]), float(ds.PixelSpacing[1])),
-        "check": (float(ds.RescaleSlope), float(ds.RescaleIntercept), int(ds.BitsStored), int(ds.PixelRepresentation)),
+        "check": (
+            float(ds.RescaleSlope),
+            float(ds.RescaleIntercept),
+            int(ds.BitsStored),
+            int(ds.PixelRepresentation),
+        ),
     }
 
 
@@ -105,7 +113,9 @@ def load(root: Path, data) -> Source:
         )
     if set(files) - set(labels):
         extra = [files[i].name for i in sorted(set(files) - set(labels))]
-        raise InvalidInputError(f"{root}: {len(extra)} DICOM files have no rows in {csv_path}, e.g. {extra[:10]}.")
+        raise InvalidInputError(
+            f"{root}: {len(extra)} DICOM files have no rows in {csv_path}, e.g. {extra[:10]}."
+        )
     if not files:
         raise InvalidInputError(f"{root}: no DICOM files (*.dcm) found.")
 
@@ -121,10 +131,10 @@ def load(root: Path, data) -> Source:
             )
 
     series: dict[tuple[str, str], list[tuple[float, str, dict]]] = defaultdict(list)
-    for image_id, path in files.items():
+    for image_id, path in tqdm(files.items(), desc="rsna headers", unit="file", disable=None):
         try:
             head = _header(path)
-        except Exception as exc:  # pydicom raises many types; any of them makes the file unusable here
+        except Exception as exc:  # noqa: BLE001 - any pydicom failure makes the file unusable here
             unreadable[path.name] = f"{type(exc).__name__}: {exc}"
             continue
         series[(head["patient"], head["series"])].append((head["z"], image_id, head))
@@ -140,7 +150,7 @@ def load(root: Path, data) -> Source:
                 try:
                     slices.append(to_hu(pydicom.dcmread(str(files[image_id]))))
                     kept.append(image_id)
-                except Exception as exc:
+                except Exception as exc:  # noqa: BLE001 - as above: the file is unusable
                     unreadable[files[image_id].name] = f"{type(exc).__name__}: {exc}"
             if kept:
                 shapes = {s.shape for s in slices}
@@ -148,7 +158,14 @@ def load(root: Path, data) -> Source:
                     raise InvalidInputError(f"{root}: series {uid} mixes slice shapes {sorted(shapes)}.")
                 spacing = members[0][2]["spacing"]
                 label = np.stack([labels[i] for i in kept])
-                yield Volume(patient, f"series {uid} ({files[kept[0]].name}, ...)", np.stack(slices), label, None, spacing)
+                yield Volume(
+                    patient,
+                    f"series {uid} ({files[kept[0]].name}, ...)",
+                    np.stack(slices),
+                    label,
+                    None,
+                    spacing,
+                )
         check_unreadable()
 
-    return Source("rsna", root, list(CLASSES), [], False, volumes(), provenance)
+    return Source("rsna", root, list(CLASSES), [], False, len(series), volumes(), provenance)
