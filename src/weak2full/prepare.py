@@ -215,14 +215,17 @@ def _short(cls: str) -> str:
     }.get(cls, cls)
 
 
-def montage_rows(label: np.ndarray, mask: np.ndarray, n: int = 12) -> np.ndarray:
-    """Up to ``n`` slice indices, half positive (preferring slices with a visible mask), half negative,
-    evenly spread over the dataset (so several patients and levels appear)."""
+def montage_rows(label: np.ndarray, mask: np.ndarray, visible: np.ndarray, n: int = 12) -> np.ndarray:
+    """Up to ``n`` slice indices, half positive (preferring slices with a mask to outline), half negative
+    (preferring slices where ``visible`` (N,) bool says the window shows tissue, not the empty vertex),
+    evenly spread over the dataset so that several patients and levels appear."""
     pos = np.flatnonzero(label[:, 0] > 0)
-    shown = pos[mask[pos].reshape(len(pos), -1).max(axis=1) > 0] if len(pos) else pos
+    shown = pos[mask[pos].max(axis=(1, 2)) > 0]
     if len(shown) < n // 2:
         shown = pos
     neg = np.flatnonzero(label[:, 0] == 0)
+    if visible[neg].sum() >= n // 2:
+        neg = neg[visible[neg]]
     n_pos = min(len(shown), n // 2 if len(neg) else n)
     n_neg = min(len(neg), n - n_pos)
 
@@ -247,12 +250,14 @@ def render_montage(
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    rows = montage_rows(label, mask)
+    level, width = window
+    # A slice "shows tissue" when a tenth of it is in the upper three quarters of the window.
+    visible = (image > level - width / 4).reshape(len(image), -1).mean(axis=1) > 0.1
+    rows = montage_rows(label, mask, visible)
     cols = 4
     fig = Figure(figsize=(2.6 * cols, 2.9 * max(1, -(-len(rows) // cols))))
     FigureCanvasAgg(fig)
     names = {v: k for k, v in SPLITS.items()}
-    level, width = window
     for i, r in enumerate(rows):
         ax = fig.add_subplot(-(-len(rows) // cols), cols, i + 1)
         ax.imshow(
