@@ -69,17 +69,52 @@ class CommonParams(_Section):
 
 
 class SyntheticParams(_Section):
-    """Knobs of the synthetic head-CT generator (defaults match DESIGN.md's real CT-ICH statistics)."""
+    """Knobs of the synthetic head-CT generator (weak2full.synthetic).
+
+    The defaults reproduce DESIGN.md's real CT-ICH statistics, shortcuts included; `bench/synthetic_stats.py`
+    prints them next to the real figures. Making lesions bigger or brighter makes the task easier than
+    real CT, so change them only to study that.
+    """
 
     patients: int = Field(60, ge=3)
-    slices_per_patient: int = Field(32, ge=3)
+    slices_per_patient: int = Field(32, ge=3)  # skull base -> vertex
     positive_patient_fraction: float = Field(0.48, ge=0.0, le=1.0)
-    noise_hu: float = Field(6.0, ge=0.0)  # pixel noise (std, HU) before the partial-volume blur
-    blood_hu: tuple[float, float] = (50.0, 68.0)  # acute blood HU range of a lesion's core
-    fracture_rate_positive: float = Field(0.38, ge=0.0, le=1.0)
-    fracture_rate_negative: float = Field(0.03, ge=0.0, le=1.0)
-    calcification_rate: float = Field(0.5, ge=0.0, le=1.0)  # share of patients with a pineal/choroid mimic
-    streaks: bool = True
+    extra_lesions: float = Field(0.15, ge=0.0)  # mean number of further bleeds in a positive patient
+    # Relative frequency of epidural, intraparenchymal, intraventricular, subarachnoid, subdural bleeds.
+    subtype_weights: list[float] = Field(default_factory=lambda: [0.15, 0.3, 0.12, 0.18, 0.25])
+    level_mean: float = Field(0.55, ge=0.0, le=1.0)  # bleed centre level, 0 skull base .. 1 vertex
+    level_sd: float = Field(0.11, gt=0.0)
+    span_median: float = Field(4.5, ge=1.0)  # slices a bleed spans (lognormal)
+    span_log_sd: float = Field(0.85, ge=0.0)
+    area_median: float = Field(0.7, gt=0.0)  # largest cross-section of a bleed, % of the slice (lognormal)
+    area_log_sd: float = Field(0.8, ge=0.0)
+    blood_hu_mean: float = 47.0  # core density of a bleed (normal, clipped to blood_hu)
+    blood_hu_sd: float = Field(11.0, ge=0.0)
+    blood_hu: tuple[float, float] = (30.0, 85.0)
+    oedema_hu: float = Field(5.0, ge=0.0)  # darkening of the rim around a parenchymal bleed
+    fracture_rate_positive: float = Field(0.52, ge=0.0, le=1.0)  # share of bleeds with a fracture over them
+    fracture_rate_negative: float = Field(0.025, ge=0.0, le=1.0)  # share of slices with an incidental one
+    calcification_rate: float = Field(0.5, ge=0.0, le=1.0)  # share of patients with each calcified mimic
+    streaks: bool = True  # streak artefacts from the dense skull base
+    streak_hu: float = Field(30.0, ge=0.0)  # their amplitude
+    texture_hu: float = Field(2.0, ge=0.0)  # fine brain texture (std, HU)
+    noise_hu: float = Field(2.5, ge=0.0)  # correlated pixel noise (std, HU) of the final slice
+    psf_mm: float = Field(0.6, ge=0.0)  # scanner blur (Gaussian sigma, mm)
+    supersample: int = Field(2, ge=1, le=4)  # render at this multiple of image_size (partial volume)
+
+    @field_validator("subtype_weights")
+    @classmethod
+    def _weights(cls, v):
+        if len(v) != 5 or any(w < 0 for w in v) or sum(v) <= 0:
+            raise ValueError(f"must be 5 non-negative weights with a positive sum, got {v}")
+        return v
+
+    @field_validator("blood_hu")
+    @classmethod
+    def _blood(cls, v):
+        if v[0] >= v[1]:
+            raise ValueError(f"must be [low, high] with low < high, got {list(v)}")
+        return v
 
 
 class SplitParams(_Section):
