@@ -290,9 +290,10 @@ class _Slicer:
         bottom = f[y1, x0] * (1 - wx) + f[y1, x1] * wx
         return top * (1 - wy) + bottom * wy
 
-    def render(self, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Slice k on the render grid: HU float32 before blur and noise, the bleed label map uint8, and
-        where there is bone (bool: a final pixel touching bone is never labelled blood)."""
+    def render(self, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Slice k in the rendered box: HU float32 before blur and noise, the bleed label map uint8, where
+        it is dense (bool, bone or calcification: a final pixel touching it is never labelled blood), and
+        the brain (bool, where texture goes)."""
         p, pat = self.p, self.pat
         z = k / (self.n - 1)
         u, v, r, th = self.u, self.v, self.r, self.theta
@@ -388,7 +389,8 @@ class _Slicer:
         if sylvian > 0:
             for sgn in (-1, 1):
                 # A wavy cleft from the lateral surface inwards, ending before the basal ganglia.
-                cleft = _capsule(u, v + 3.0 * g, (sgn * 0.95 * pat.b0 * s, -8 * sc), (sgn * 36 * sc, -12 * sc))
+                outer = (sgn * 0.95 * pat.b0 * s, -8 * sc)
+                cleft = _capsule(u, v + 3.0 * g, outer, (sgn * 36 * sc, -12 * sc))
                 cistern |= cleft < 0.9 * vs * sylvian
         upper = _bump(z, 0.74, 2.0, 0.3)
         fissure = (np.abs(u) < 0.9 * vs) & ((v < -30 * sc * (1 - upper)) | (v > 32 * sc * (1 - upper)))
@@ -448,7 +450,8 @@ class _Slicer:
             # Along the inner table: thickness profile (1 - x^2)^p over an arc of length L = 2 w R.
             # Epidural: short and thick, biconvex (p=0.5); subdural: long, thin crescent (p=0.3).
             aspect, power, integral = (0.28, 0.5, np.pi / 2) if les.kind == EPIDURAL else (0.06, 0.3, 1.7)
-            inner = float(np.median(ray[brain])) if brain.any() else 1.0
+            # Radius of the inner table, to turn the arc length into an angle.
+            inner = float(np.median(ray[brain])) - self.pat.scalp_mm - self.pat.skull_mm
             length = min(np.sqrt(2 * area / (aspect * integral)), 0.9 * np.pi * inner)
             thick = 2 * area / (length * integral)
             x = _angle_diff(th, les.theta) / (length / (2 * inner))
@@ -456,7 +459,7 @@ class _Slicer:
             region = brain & (d_in < prof)
         elif les.kind == INTRAPARENCHYMAL:
             radius = np.sqrt(area / np.pi)
-            cu, cv = self._inside_point(les, brain, d_in)
+            cu, cv = self._inside_point(les, brain)
             dist = np.hypot((u - cu) / 1.2, (v - cv) / 0.85) / radius
             ang = np.arctan2(v - cv, u - cu)
             dist = dist / (1.0 + sum(a * np.cos((i + 2) * ang + ph) for i, (a, ph) in enumerate(les.shape)))
@@ -469,7 +472,7 @@ class _Slicer:
             cu, cv = (sgn * 15 * sc, 26 * sc) if np.sin(les.theta) > -0.3 else (sgn * 7 * sc, -8 * sc)
             region = vent & (np.hypot(u - cu, v - cv) < np.sqrt(area / np.pi) * 1.6)
         else:  # subarachnoid: sulci, fissures and cisterns near one place on the convexity or the base
-            cu, cv = self._inside_point(les, brain, d_in, surface=True)
+            cu, cv = self._inside_point(les, brain, surface=True)
             region = csf_all & ~vent & (np.hypot(u - cu, v - cv) < np.sqrt(area / (0.3 * np.pi)))
             parts, n = ndimage.label(region, structure=np.ones((3, 3)))
             if n > 1:  # blood tracks along one connected set of sulci from where it started
@@ -478,7 +481,7 @@ class _Slicer:
             region = ndimage.binary_dilation(region, iterations=self.ss) & brain & ~vent
         return region, rim
 
-    def _inside_point(self, les: _Lesion, brain, d_in, surface: bool = False) -> tuple[float, float]:
+    def _inside_point(self, les: _Lesion, brain, surface: bool = False) -> tuple[float, float]:
         """A point in the brain in the lesion's direction: just under the surface, or at its depth."""
         ray_u, ray_v = np.cos(les.theta), np.sin(les.theta)
         along = self.u * ray_u + self.v * ray_v
@@ -491,6 +494,7 @@ class _Slicer:
 
 
 def _downsample(a: np.ndarray, ss: int) -> np.ndarray:
+    """Mean over ss x ss blocks: (H*ss, W*ss) -> (H, W), the partial-volume average."""
     h, w = a.shape
     return a.reshape(h // ss, ss, w // ss, ss).mean(axis=(1, 3))
 
@@ -524,7 +528,8 @@ def generate(p: SyntheticParams, image_size: int, seed: int) -> SyntheticData:
     positive[np.random.default_rng([seed, p.patients]).permutation(p.patients)[:n_pos]] = True
     rngs = [np.random.default_rng([seed, pid, 1]) for pid in range(p.patients)]
     plans = [_plan_patient(p, rng, bool(pos)) for rng, pos in zip(rngs, positive)]
-    _size_lesions(p, [les for pat in plans for les in pat.lesions], np.random.default_rng([seed, 2]), n_slices)
+    lesions = [les for pat in plans for les in pat.lesions]
+    _size_lesions(p, lesions, np.random.default_rng([seed, 2]), n_slices)
     # Incidental fractures (mean 5.5 slices) on the share of patients that puts one on
     # fracture_rate_negative of all slices.
     incidental = _stratified(np.random.default_rng([seed, 3]), p.patients) < min(
