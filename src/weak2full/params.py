@@ -212,6 +212,10 @@ class TrainParams(_Section):
     amp: bool = True  # bf16 autocast, CUDA only
     channels_last: bool = True  # CUDA only
     resume: bool = True  # continue from the stage's last checkpoint after an interruption
+    # Per-epoch validation (model selection) reads all annotated val positives plus this many annotated
+    # val negatives per positive, drawn once with the seed (None: every annotated val slice). The final
+    # metrics always use whole splits.
+    val_negative_ratio: Optional[float] = Field(4.0, ge=0.0)
 
 
 class ClassifierParams(TrainParams):
@@ -316,6 +320,8 @@ class SegmenterParams(TrainParams):
     arch: str = "Unet"  # any segmentation-models-pytorch architecture
     encoder: str = "resnet18"  # smp encoder name, or "tu-<timm name>"
     encoder_weights: Optional[str] = None
+    # Unet-family decoder widths, one per decoder block (None: the architecture's default).
+    decoder_channels: Optional[list[int]] = None
     dice_weight: float = Field(1.0, ge=0.0)  # loss = CE/BCE + dice_weight * Dice (ignore 255)
 
 

@@ -1,0 +1,57 @@
+"""Encoders shared by the classifiers: a timm backbone and local-file weight loading (never a hub)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import timm
+import torch
+from torch import nn
+
+from weak2full.errors import InvalidInputError
+
+__all__ = ["create_encoder", "load_encoder_weights"]
+
+
+def create_encoder(name: str, in_channels: int, weights: str | None, out_indices=None) -> nn.Module:
+    """timm ``features_only`` encoder; channels and reductions come from its ``feature_info``.
+
+    ``weights``: None for random init, or a local file (see :func:`load_encoder_weights`).
+    """
+    try:
+        kwargs = {"out_indices": out_indices} if out_indices is not None else {}
+        enc = timm.create_model(name, features_only=True, pretrained=False, in_chans=in_channels, **kwargs)
+    except RuntimeError as exc:  # timm: "Unknown model (...)"
+        raise InvalidInputError(f"encoder '{name}' is not a timm model with features_only support: {exc}") from None
+    if weights is not None:
+        load_encoder_weights(enc, weights)
+    return enc
+
+
+def load_encoder_weights(module: nn.Module, path: str | Path) -> None:
+    """Load a local state dict into ``module`` (no network), dropping classifier-head keys it lacks.
+
+    Accepts a plain state dict or one wrapped as ``{"state_dict": ...}`` / ``{"model": ...}``. A missing
+    file, an unreadable one, or one whose keys or shapes do not fit raises InvalidInputError naming it.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InvalidInputError(f"encoder_weights file {path} does not exist (weights are never downloaded).")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unpickling failure means the same thing to the user
+        raise InvalidInputError(f"encoder_weights file {path} is not a readable torch state dict: {exc}") from None
+    for key in ("state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict):
+        raise InvalidInputError(f"encoder_weights file {path} does not hold a state dict.")
+    own = module.state_dict()
+    state = {k: v for k, v in state.items() if k in own or not k.split(".")[0] in ("fc", "head", "classifier")}
+    try:
+        module.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()
+        raise InvalidInputError(
+            f"encoder_weights file {path} does not fit the encoder: {' '.join(first[:3])[:400]}"
+        ) from None

@@ -1,0 +1,151 @@
+"""The heatmap classifier: timm encoder -> UNet-style decoder -> K logit maps -> pooled image logits.
+
+The localisation path has no global average pooling and no GroupNorm (both make maps worse, PYLON): the
+decoder climbs back from the deepest feature with skip connections and BatchNorm, and ends in K logit
+maps of ``heatmap_size`` (stride 1, 2 or 4 of the input). The image logit *pools* that map (log-sum-exp,
+max or top-k mean), so the same per-pixel logits that localise are the ones the label trains.
+
+Optional deep supervision puts a 1x1 head on the two coarser decoder outputs (stride 2s and 4s); their
+maps are pooled and trained on the same labels, and a consistency term asks the average-pooled finer map
+to match the next coarser one (:func:`weak2full.losses.heatmap_loss`).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from weak2full.errors import InvalidParameterError
+from weak2full.models._encoder import create_encoder
+
+__all__ = ["HeatmapNet", "MapPooling", "heatmap_stride"]
+
+AUX_SCALES = 2  # deep supervision heads on this many coarser decoder outputs
+
+
+def heatmap_stride(input_size: int, heatmap_size: int) -> int:
+    """Input side / heatmap side; must be 1, 2 or 4 (error names ``train_classifier.heatmap_size``)."""
+    if input_size % heatmap_size or input_size // heatmap_size not in (1, 2, 4):
+        raise InvalidParameterError(
+            f"The 'train_classifier.heatmap_size' parameter must divide the input side {input_size} with "
+            f"stride 1, 2 or 4 (e.g. {input_size}, {input_size // 2} or {input_size // 4}). "
+            f"Got {heatmap_size} instead."
+        )
+    return input_size // heatmap_size
+
+
+class MapPooling(nn.Module):
+    """(B, K, S, S) logit maps -> (B, K) image logits.
+
+    ``lse``: (1/r) log(mean exp(r x)) + b with per-class learnable sharpness r (starts at ``lse_r``,
+    kept positive by a softplus) and bias b (starts at 0); r -> 0 is the mean, r -> inf the max.
+    ``max``: the largest pixel. ``topk``: mean of the ``topk_fraction`` largest pixels.
+    """
+
+    def __init__(self, kind: str, num_classes: int, lse_r: float = 6.0, topk_fraction: float = 0.02):
+        super().__init__()
+        self.kind = kind
+        self.topk_fraction = topk_fraction
+        if kind == "lse":
+            raw = math.log(math.expm1(lse_r))  # inverse softplus
+            self.raw_r = nn.Parameter(torch.full((num_classes,), raw))
+            self.bias = nn.Parameter(torch.zeros(num_classes))
+        elif kind not in ("max", "topk"):
+            raise InvalidParameterError(f"The 'train_classifier.pooling' parameter must be lse, max or topk. Got {kind!r}.")
+
+    def forward(self, maps: torch.Tensor) -> torch.Tensor:
+        flat = maps.float().flatten(2)  # (B, K, S*S)
+        if self.kind == "max":
+            return flat.amax(dim=2)
+        if self.kind == "topk":
+            k = max(1, int(round(self.topk_fraction * flat.shape[2])))
+            return flat.topk(k, dim=2).values.mean(dim=2)
+        r = F.softplus(self.raw_r)[None, :, None]
+        lse = (torch.logsumexp(r * flat, dim=2, keepdim=True) - math.log(flat.shape[2])) / r
+        return lse[..., 0] + self.bias
+
+
+class _ConvBN(nn.Sequential):
+    def __init__(self, cin: int, cout: int):
+        super().__init__(nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+
+
+class _UpBlock(nn.Module):
+    """Upsample x2, concatenate the skip of that resolution (if the encoder has one), two conv-BN-ReLU."""
+
+    def __init__(self, cin: int, cskip: int, cout: int):
+        super().__init__()
+        self.convs = nn.Sequential(_ConvBN(cin + cskip, cout), _ConvBN(cout, cout))
+
+    def forward(self, x: torch.Tensor, skip: torch.Tensor | None, size: tuple[int, int]) -> torch.Tensor:
+        x = F.interpolate(x, size=size, mode="nearest")
+        if skip is not None:
+            x = torch.cat([x, skip], dim=1)
+        return self.convs(x)
+
+
+class HeatmapNet(nn.Module):
+    """Heatmap classifier. ``forward(x)`` with x (B, C, H, W) returns a dict:
+
+    * ``map``: (B, K, S, S) logit maps, S = ``heatmap_size`` = H / stride;
+    * ``logits``: (B, K) pooled image logits;
+    * ``aux_maps`` / ``aux_logits``: coarser maps (stride 2s, 4s) and their pooled logits, fine to
+      coarse (empty lists without deep supervision).
+    """
+
+    def __init__(
+        self,
+        encoder: str,
+        in_channels: int,
+        num_classes: int,
+        input_size: int,
+        heatmap_size: int,
+        decoder_channels: list[int],
+        pooling: str = "lse",
+        lse_r: float = 6.0,
+        topk_fraction: float = 0.02,
+        deep_supervision: bool = True,
+        encoder_weights: str | None = None,
+    ):
+        super().__init__()
+        self.stride = heatmap_stride(input_size, heatmap_size)
+        self.heatmap_size = heatmap_size
+        self.encoder = create_encoder(encoder, in_channels, encoder_weights)
+        channels = self.encoder.feature_info.channels()
+        reductions = self.encoder.feature_info.reduction()
+        self._reductions = list(reductions)
+        deepest = reductions[-1]
+        n_blocks = int(round(math.log2(deepest / self.stride)))
+        skip_of = {r: c for r, c in zip(reductions[:-1], channels[:-1])}
+        self._block_reductions = [deepest // 2 ** (j + 1) for j in range(n_blocks)]
+        blocks, cin = [], channels[-1]
+        for j, red in enumerate(self._block_reductions):
+            cout = decoder_channels[min(j, len(decoder_channels) - 1)]
+            blocks.append(_UpBlock(cin, skip_of.get(red, 0), cout))
+            cin = cout
+        self.blocks = nn.ModuleList(blocks)
+        self.head = nn.Conv2d(cin, num_classes, 1)
+        n_aux = min(AUX_SCALES, n_blocks - 1) if deep_supervision else 0
+        aux_in = [b.convs[-1][0].out_channels for b in blocks[::-1][1 : 1 + n_aux]]  # fine -> coarse
+        self.aux_heads = nn.ModuleList(nn.Conv2d(c, num_classes, 1) for c in aux_in)
+        self.pool = MapPooling(pooling, num_classes, lse_r, topk_fraction)
+
+    def forward(self, x: torch.Tensor) -> dict:
+        feats = self.encoder(x)
+        by_red = {r: f for r, f in zip(self._reductions[:-1], feats[:-1])}
+        h, w = x.shape[-2:]
+        y, outs = feats[-1], []
+        for block, red in zip(self.blocks, self._block_reductions):
+            y = block(y, by_red.get(red), (h // red, w // red))
+            outs.append(y)
+        maps = self.head(y)
+        aux_maps = [head(o) for head, o in zip(self.aux_heads, outs[::-1][1:])]
+        return {
+            "map": maps,
+            "logits": self.pool(maps),
+            "aux_maps": aux_maps,
+            "aux_logits": [self.pool(m) for m in aux_maps],
+        }

@@ -1,0 +1,77 @@
+"""The fully supervised segmenter (segmentation-models-pytorch), and mask prediction for evaluation.
+
+Output: K logit channels, one per class of ``common.classes``, read through a sigmoid (multi-label),
+not K+1 softmax channels: ``any`` is the union of the subtypes, so a pixel can be "any" and "subdural"
+at once, and a single-class run is then simply one channel. Loss: BCE + soft Dice with ignore label 255
+(:func:`weak2full.losses.segmentation_loss`).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import segmentation_models_pytorch as smp
+import torch
+from torch import nn
+
+from weak2full.data import build_channels, source_stack
+from weak2full.errors import InvalidParameterError
+from weak2full.models._encoder import load_encoder_weights
+from weak2full.params import InputParams
+
+__all__ = ["create_segmenter", "predict_masks"]
+
+
+def create_segmenter(
+    arch: str,
+    encoder: str,
+    in_channels: int,
+    num_classes: int,
+    encoder_weights: str | None = None,
+    decoder_channels: list[int] | None = None,
+    section: str = "train_segmenter",
+) -> nn.Module:
+    """``smp.create_model(arch, encoder, encoder_weights=None, in_channels, classes=K)``.
+
+    ``encoder_weights`` is a local file loaded into the encoder (``tu-`` encoders: into the timm model
+    inside it); smp never downloads here. ``decoder_channels`` (None: the arch's default) is passed to
+    architectures that take it (Unet, UnetPlusPlus, ...).
+    """
+    kwargs = {"decoder_channels": list(decoder_channels)} if decoder_channels is not None else {}
+    try:
+        model = smp.create_model(arch, encoder_name=encoder, encoder_weights=None, in_channels=in_channels,
+                                 classes=num_classes, **kwargs)
+    except (KeyError, ValueError, TypeError, RuntimeError) as exc:
+        raise InvalidParameterError(
+            f"The '{section}.arch'/'{section}.encoder' parameters do not make an smp model "
+            f"(arch={arch!r}, encoder={encoder!r}): {exc}"
+        ) from None
+    if encoder_weights is not None:
+        target = model.encoder.model if encoder.startswith("tu-") else model.encoder
+        load_encoder_weights(target, encoder_weights)
+    return model
+
+
+@torch.no_grad()
+def predict_masks(
+    model: nn.Module,
+    dataset_file,
+    idx,
+    input_params: InputParams,
+    batch_size: int = 32,
+    device: str | torch.device = "cpu",
+) -> np.ndarray:
+    """Per-class foreground probabilities float32 (n, K, H, W) for dataset rows ``idx`` (in that order).
+
+    ``dataset_file`` is an open :class:`weak2full.h5.DatasetFile`; only images are read.
+    """
+    model.eval().to(device)
+    idx = np.asarray(idx, dtype=np.int64)
+    out = []
+    for start in range(0, len(idx), batch_size):
+        rows = idx[start : start + batch_size]
+        planes = source_stack(dataset_file.h5["image"], rows, dataset_file.patient, input_params.mode)
+        x = torch.from_numpy(build_channels(planes, input_params)).to(device)
+        out.append(torch.sigmoid(model(x).float()).cpu().numpy())
+    if not out:
+        return np.zeros((0, 0, dataset_file.height, dataset_file.width), np.float32)
+    return np.concatenate(out).astype(np.float32)

@@ -1,0 +1,421 @@
+"""The one training loop, and the four training stages built on it.
+
+:func:`fit` trains any of the chain's networks: AdamW, cosine schedule with linear warm-up, balanced
+sampling (:class:`weak2full.data.BalancedBatchSampler`), augmentation, bf16 autocast and channels_last on
+CUDA only, resume from the stage's last state after an interruption, tqdm progress, dvclive logging, and
+model selection on a validation score. Same params + seed on the CPU give the same weights.
+
+Stages (each writes through ``atomic_output``):
+
+* :func:`run_classifier` - heatmap network on image labels -> models/classifier.pt, metrics/classifier.json;
+* :func:`run_baseline` - GAP-CAM on image labels -> models/gap_cam.pt, metrics/baseline_cam.json;
+* :func:`run_segmenter` - smp segmenter on pseudo_masks.h5 of the train split -> models/segmenter.pt;
+* :func:`run_oracle` - the same segmenter on the true train masks (the ceiling) -> models/oracle.pt.
+
+Classifiers are selected by localisation on the annotated val slices (``select_by``: map_dice or
+point_acc; AUROC can be won by shortcuts), segmenters by ``dice_pos`` on the annotated val slices.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from weak2full import losses
+from weak2full.cams import NORMALISATION, normalise_cam, predict_cams
+from weak2full.data import BalancedBatchSampler, SliceDataset
+from weak2full.errors import InvalidInputError
+from weak2full.h5 import DatasetFile, atomic_output, truth_mask
+from weak2full.models import (
+    create_model,
+    model_config,
+    predict_masks,
+    save_checkpoint,
+    save_disabled,
+)
+from weak2full.params import Params, TrainParams
+from weak2full.runtime import choose_device, seed_everything, set_threads
+
+__all__ = [
+    "fit",
+    "classifier_metrics",
+    "segmenter_metrics",
+    "selection_rows",
+    "run_classifier",
+    "run_baseline",
+    "run_segmenter",
+    "run_oracle",
+]
+
+
+# ------------------------------------------------------------------------------------------ the loop
+
+
+def _lr_lambda(total: int, warmup: int) -> Callable[[int], float]:
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total - warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return f
+
+
+def fit(
+    model: torch.nn.Module,
+    train_set: SliceDataset,
+    loss_fn: Callable[[object, torch.Tensor], torch.Tensor],
+    validate: Callable[[torch.nn.Module], dict],
+    p: TrainParams,
+    *,
+    select_key: str,
+    seed: int,
+    device: torch.device,
+    live_dir: str | Path | None,
+    state_path: str | Path | None,
+    desc: str = "train",
+) -> tuple[dict, dict]:
+    """Train ``model`` and return ``(best state_dict, its validation metrics)``.
+
+    ``loss_fn(model_output, target)`` gives the scalar loss; ``validate(model)`` returns a flat dict of
+    floats holding ``select_key`` (higher is better), run after every epoch. ``state_path`` keeps the
+    last epoch's full state (model, optimiser, schedule, best so far) so that a rerun with the same
+    params resumes (``p.resume``); it is removed once training finishes. ``live_dir``: dvclive folder.
+    """
+    cuda = device.type == "cuda"
+    steps = p.steps_per_epoch or max(1, math.ceil(len(train_set) / p.batch_size))
+    total = steps * p.epochs
+    sampler = BalancedBatchSampler(train_set.positive, p.batch_size, steps, p.positive_fraction, seed)
+    loader = torch.utils.data.DataLoader(
+        train_set, batch_sampler=sampler, num_workers=p.num_workers, pin_memory=cuda,
+        persistent_workers=p.num_workers > 0,
+    )
+    model.to(device)
+    if cuda and p.channels_last:
+        model.to(memory_format=torch.channels_last)
+    opt = torch.optim.AdamW(model.parameters(), lr=p.lr, weight_decay=p.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(total, int(round(p.warmup_epochs * steps))))
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if (cuda and p.amp) else contextlib.nullcontext()
+
+    fingerprint = _fingerprint(p, seed, len(train_set), model)
+    start_epoch, best_score, best_state, best_metrics = 0, -math.inf, None, {}
+    state_path = Path(state_path) if state_path is not None else None
+    if p.resume and state_path is not None and state_path.is_file():
+        state = torch.load(state_path, map_location="cpu", weights_only=True)
+        if state.get("fingerprint") == fingerprint:
+            model.load_state_dict(state["model"])
+            opt.load_state_dict(state["optimizer"])
+            sched.load_state_dict(state["scheduler"])
+            start_epoch, best_score = state["epoch"] + 1, state["best_score"]
+            best_state, best_metrics = state["best_state"], state["best_metrics"]
+            tqdm.write(f"{desc}: resuming after epoch {start_epoch} from {state_path}")
+
+    live = _live(live_dir, resume=start_epoch > 0)
+    try:
+        for epoch in range(start_epoch, p.epochs):
+            sampler.set_epoch(epoch)
+            model.train()
+            running, seen = 0.0, 0
+            bar = tqdm(loader, desc=f"{desc} {epoch + 1}/{p.epochs}", leave=False, unit="step")
+            for x, target in bar:
+                x, target = x.to(device, non_blocking=True), target.to(device, non_blocking=True)
+                if cuda and p.channels_last:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                with amp:
+                    loss = loss_fn(model(x), target)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+                running += float(loss.detach())
+                seen += 1
+                bar.set_postfix(loss=f"{running / seen:.4f}")
+            metrics = validate(model)
+            score = float(metrics[select_key])
+            improved = score > best_score or best_state is None
+            if improved:
+                best_score, best_metrics = score, dict(metrics)
+                best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+            tqdm.write(f"{desc} epoch {epoch + 1}/{p.epochs}: loss {running / max(1, seen):.4f} "
+                       + " ".join(f"{k} {v:.3f}" for k, v in metrics.items())
+                       + (" *" if improved else ""))
+            if live is not None:
+                live.log_metric("train/loss", running / max(1, seen))
+                live.log_metric("train/lr", sched.get_last_lr()[0])
+                for k, v in metrics.items():
+                    live.log_metric(f"val/{k}", float(v))
+                live.next_step()
+            if state_path is not None:
+                with atomic_output(state_path) as tmp:
+                    torch.save({"fingerprint": fingerprint, "epoch": epoch, "model": model.state_dict(),
+                                "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                                "best_score": best_score, "best_state": best_state,
+                                "best_metrics": best_metrics}, tmp)
+        if live is not None:
+            for k, v in best_metrics.items():
+                live.summary[f"best/{k}"] = float(v)
+    finally:
+        if live is not None:
+            live.end()
+    if state_path is not None:
+        state_path.unlink(missing_ok=True)
+    return best_state, best_metrics
+
+
+def _fingerprint(p: TrainParams, seed: int, n: int, model: torch.nn.Module) -> str:
+    shapes = [list(v.shape) for v in model.state_dict().values()]
+    blob = json.dumps([p.model_dump(mode="json"), seed, n, shapes], sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _live(live_dir, resume: bool):
+    if live_dir is None:
+        return None
+    from dvclive import Live
+
+    return Live(str(live_dir), resume=resume, dvcyaml=False, save_dvc_exp=False, report=None)
+
+
+# ------------------------------------------------------------------------------------------ metrics
+
+
+def _auroc_ap(y: np.ndarray, score: np.ndarray) -> tuple[float, float]:
+    from sklearn.metrics import average_precision_score, roc_auc_score
+
+    if y.min() == y.max():
+        return float("nan"), float("nan")
+    return float(roc_auc_score(y, score)), float(average_precision_score(y, score))
+
+
+def _dice(pred: np.ndarray, truth: np.ndarray) -> float:
+    denom = pred.sum() + truth.sum()
+    return 1.0 if denom == 0 else float(2.0 * np.logical_and(pred, truth).sum() / denom)
+
+
+def _nanmean(values) -> float:
+    values = [v for v in values if not math.isnan(v)]
+    return float(np.mean(values)) if values else float("nan")
+
+
+def classifier_metrics(
+    model: torch.nn.Module,
+    ds: DatasetFile,
+    idx: np.ndarray,
+    input_params,
+    classes: list[str],
+    method: str,
+    heatmap_size: int,
+    batch_size: int = 32,
+    device="cpu",
+    threshold: float = 0.5,
+) -> dict:
+    """Image-level and localisation metrics of a classifier on dataset rows ``idx`` (one split).
+
+    ``auroc``/``ap`` (macro over classes, and ``per_class``) on all rows; ``point_acc`` (argmax of the
+    map inside the true mask) and ``map_dice`` (normalised map >= ``threshold`` vs the mask; upsampled to
+    the image size) on annotated rows whose mask holds the class, macro over the classes the masks can
+    score. Masks are read through ``annotated_masks`` only.
+    """
+    idx = np.asarray(idx, dtype=np.int64)
+    cam, prob = predict_cams(model, ds, idx, input_params, heatmap_size, batch_size, device)
+    labels = ds.labels_for(classes)[idx]
+    per_class = {}
+    annotated = ds.has_mask[idx]
+    masks = ds.annotated_masks(idx[annotated]) if annotated.any() else None
+    maps = normalise_cam(cam[annotated], NORMALISATION[method]) if annotated.any() else None
+    if maps is not None and maps.shape[-1] != ds.width:
+        maps = torch.nn.functional.interpolate(torch.from_numpy(maps), size=(ds.height, ds.width),
+                                               mode="bilinear", align_corners=False).numpy()
+    for k, cls in enumerate(classes):
+        auroc, ap = _auroc_ap(labels[:, k], prob[:, k])
+        entry = {"auroc": auroc, "ap": ap, "point_acc": float("nan"), "map_dice": float("nan"), "n_pos": 0}
+        scorable = masks is not None and (cls == "any" or cls in ds.mask_classes)
+        if scorable:
+            hits, dices = [], []
+            for m, mask in zip(maps[:, k], masks):
+                truth = truth_mask(mask, ds.mask_classes, cls)
+                if not truth.any():
+                    continue
+                hits.append(float(truth.flat[int(np.argmax(m))]))
+                dices.append(_dice(m >= threshold, truth))
+            if hits:
+                entry.update(point_acc=float(np.mean(hits)), map_dice=float(np.mean(dices)), n_pos=len(hits))
+        per_class[cls] = entry
+    return {
+        "auroc": _nanmean(e["auroc"] for e in per_class.values()),
+        "ap": _nanmean(e["ap"] for e in per_class.values()),
+        "point_acc": _nanmean(e["point_acc"] for e in per_class.values()),
+        "map_dice": _nanmean(e["map_dice"] for e in per_class.values()),
+        "per_class": per_class,
+    }
+
+
+def segmenter_metrics(model, ds: DatasetFile, idx: np.ndarray, input_params, classes: list[str],
+                      batch_size: int = 32, device="cpu", threshold: float = 0.5) -> dict:
+    """``dice_pos`` (mean per-slice Dice over annotated rows holding the class) and ``fp_slice_rate``
+    (share of annotated rows without the class that get any predicted pixel), macro over classes."""
+    idx = np.asarray(idx, dtype=np.int64)
+    idx = idx[ds.has_mask[idx]]
+    masks = ds.annotated_masks(idx)
+    prob = predict_masks(model, ds, idx, input_params, batch_size, device)
+    dice_pos, fp = [], []
+    for k, cls in enumerate(classes):
+        if cls != "any" and cls not in ds.mask_classes:
+            continue
+        d, f = [], []
+        for pr, mask in zip(prob[:, k], masks):
+            truth, pred = truth_mask(mask, ds.mask_classes, cls), pr >= threshold
+            (d if truth.any() else f).append(_dice(pred, truth) if truth.any() else float(pred.any()))
+        dice_pos.append(float(np.mean(d)) if d else float("nan"))
+        fp.append(float(np.mean(f)) if f else float("nan"))
+    return {"dice_pos": _nanmean(dice_pos), "fp_slice_rate": _nanmean(fp)}
+
+
+# ------------------------------------------------------------------------------------------ stages
+
+
+def selection_rows(ds: DatasetFile, classes: list[str], ratio: float | None, seed: int) -> np.ndarray:
+    """Annotated val rows for per-epoch model selection: every positive, plus ``ratio`` negatives per
+    positive drawn with ``seed`` (``ratio=None``: all annotated val rows). Sorted."""
+    rows = ds.indices("val", annotated=True)
+    if ratio is None:
+        return rows
+    pos = ds.labels_for(classes)[rows].max(axis=1) > 0
+    neg = rows[~pos]
+    k = min(len(neg), int(round(ratio * max(1, pos.sum()))))
+    picked = np.random.default_rng([seed, 1]).choice(neg, size=k, replace=False) if k else neg[:0]
+    return np.sort(np.concatenate([rows[pos], picked]))
+
+
+def _setup(params: Params):
+    set_threads()
+    seed_everything(params.common.seed)
+    return choose_device(params.common.device)
+
+
+def _state_path(out_model: Path) -> Path:
+    return out_model.with_name(f".{out_model.stem}.resume.pt")
+
+
+def _write_json(path: str | Path, obj: dict) -> None:
+    with atomic_output(path) as tmp:
+        Path(tmp).write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def _train_classifier(params: Params, arch: str, dataset: str | Path, out_model: str | Path,
+                      out_metrics: str | Path, live_dir: str | Path | None) -> dict:
+    section = params.train_classifier if arch == "heatmap" else params.baseline_cam
+    device = _setup(params)
+    classes, ip = list(params.common.classes), params.input
+    with DatasetFile(dataset) as ds:
+        size = ds.height
+        train_idx, val_idx, test_idx = ds.indices("train"), ds.indices("val"), ds.indices("test")
+        if len(train_idx) == 0 or not ds.has_mask[val_idx].any():
+            raise InvalidInputError(f"{dataset}: needs train slices and annotated val slices to select a model.")
+        select_idx = selection_rows(ds, classes, section.val_negative_ratio, params.common.seed)
+    heatmap_size = params.train_classifier.heatmap_size
+    config = model_config(arch, section, ip.in_channels, len(classes), size)
+    model = create_model(arch, config, section.encoder_weights)
+    train_set = SliceDataset(dataset, train_idx, ip, classes, "label", section.augment)
+    if arch == "heatmap":
+        p = section
+
+        def loss_fn(out, y):
+            return losses.heatmap_loss(out, y, p.deep_supervision_weight if p.deep_supervision else 0.0,
+                                       p.consistency_weight if p.deep_supervision else 0.0)
+    else:
+        loss_fn = losses.gap_cam_loss
+    eval_bs = params.cams.batch_size
+
+    def validate(m):
+        with DatasetFile(dataset) as ds:
+            r = classifier_metrics(m, ds, select_idx, ip, classes, arch, heatmap_size, eval_bs, device)
+        return {k: r[k] for k in ("auroc", "ap", "point_acc", "map_dice")}
+
+    out_model = Path(out_model)
+    best, _ = fit(model, train_set, loss_fn, validate, section, select_key=section.select_by,
+                  seed=params.common.seed, device=device, live_dir=live_dir,
+                  state_path=_state_path(out_model), desc=arch)
+    model.load_state_dict(best)
+    with DatasetFile(dataset) as ds:
+        result = {split: classifier_metrics(model, ds, rows, ip, classes, arch, heatmap_size, eval_bs, device)
+                  for split, rows in (("val", val_idx), ("test", test_idx))}
+    save_checkpoint(out_model, model, arch, config, classes, input=ip.model_dump(mode="json"),
+                    heatmap_size=heatmap_size, selected_by=section.select_by)
+    _write_json(out_metrics, result)
+    return result
+
+
+def run_classifier(params: Params, dataset, out_model, out_metrics, live_dir="dvclive/train_classifier") -> dict:
+    """train_classifier stage: heatmap network -> ``out_model`` and ``{"val": ..., "test": ...}`` metrics."""
+    return _train_classifier(params, "heatmap", dataset, out_model, out_metrics, live_dir)
+
+
+def run_baseline(params: Params, dataset, out_model, out_metrics, live_dir="dvclive/baseline_cam") -> dict:
+    """baseline_cam stage: GAP-CAM classifier -> ``out_model`` and the same metrics as the heatmap network."""
+    return _train_classifier(params, "gap_cam", dataset, out_model, out_metrics, live_dir)
+
+
+def _train_segmenter(params: Params, section, train_set: SliceDataset, dataset, out_model, live_dir, desc) -> dict:
+    device = _setup(params)
+    classes, ip = list(params.common.classes), params.input
+    config = model_config("segmenter", section, ip.in_channels, len(classes), 0)
+    model = create_model("segmenter", config, section.encoder_weights)
+    with DatasetFile(dataset) as ds:
+        val_idx = selection_rows(ds, classes, section.val_negative_ratio, params.common.seed)
+    if len(val_idx) == 0:
+        raise InvalidInputError(f"{dataset}: no annotated val slices to select the segmenter on.")
+    eval_bs = params.evaluate.batch_size
+
+    def validate(m):
+        with DatasetFile(dataset) as ds:
+            return segmenter_metrics(m, ds, val_idx, ip, classes, eval_bs, device)
+
+    def loss_fn(out, y):
+        return losses.segmentation_loss(out, y, section.dice_weight)
+
+    out_model = Path(out_model)
+    best, metrics = fit(model, train_set, loss_fn, validate, section, select_key="dice_pos",
+                        seed=params.common.seed, device=device, live_dir=live_dir,
+                        state_path=_state_path(out_model), desc=desc)
+    model.load_state_dict(best)
+    save_checkpoint(out_model, model, "segmenter", config, classes, input=ip.model_dump(mode="json"),
+                    val=metrics)
+    return metrics
+
+
+def run_segmenter(params: Params, dataset, pseudo, out_model, live_dir="dvclive/train_segmenter") -> dict:
+    """train_segmenter stage: smp segmenter on the pseudo-masks of the train split (negatives included)."""
+    with DatasetFile(dataset) as ds:
+        train_idx = ds.indices("train")
+    train_set = SliceDataset(dataset, train_idx, params.input, params.common.classes, "pseudo",
+                             params.train_segmenter.augment, pseudo_path=pseudo)
+    return _train_segmenter(params, params.train_segmenter, train_set, dataset, out_model, live_dir, "segmenter")
+
+
+def run_oracle(params: Params, dataset, out_model, live_dir="dvclive/train_oracle") -> dict:
+    """train_oracle stage: the same segmenter on the true masks of the train split (the ceiling).
+
+    With ``train_oracle.enabled: false`` it writes a marker checkpoint that :func:`load_model` refuses.
+    """
+    if not params.train_oracle.enabled:
+        save_disabled(out_model, "the oracle is disabled (train_oracle.enabled is false)")
+        return {}
+    with DatasetFile(dataset) as ds:
+        if not ds.masks_complete:
+            raise InvalidInputError(
+                f"{dataset}: the oracle needs a mask for every train slice (masks_complete is false); "
+                "set train_oracle.enabled to false for this source."
+            )
+        train_idx = ds.indices("train")
+    train_set = SliceDataset(dataset, train_idx, params.input, params.common.classes, "oracle",
+                             params.train_oracle.augment)
+    return _train_segmenter(params, params.train_oracle, train_set, dataset, out_model, live_dir, "oracle")

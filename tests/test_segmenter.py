@@ -1,0 +1,89 @@
+"""Segmenter: loss with the ignore label, pseudo-mask and oracle targets, the two segmenter stages."""
+
+from __future__ import annotations
+
+import json
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from test_train import tiny_dataset
+
+from weak2full import data, h5, losses, train
+from weak2full.errors import InvalidInputError
+from weak2full.models import create_segmenter, load_model, predict_masks
+
+TINY_SEG = dict(arch="Unet", encoder="resnet18", decoder_channels=[16, 16, 8, 8, 8], batch_size=4,
+                steps_per_epoch=3, epochs=1, augment=dict(affine=0.0))
+
+
+def write_pseudo(path, mask: np.ndarray, classes=("any",)):
+    """A minimal pseudo_masks.h5 (the contract's datasets and attributes)."""
+    with h5py.File(path, "w") as f:
+        f["mask"] = mask.astype(np.uint8)
+        f["fg_fraction"] = ((mask > 0) & (mask != 255)).mean(axis=(1, 2)).astype(np.float32)
+        f["ignore_fraction"] = (mask == 255).mean(axis=(1, 2)).astype(np.float32)
+        f.attrs.update(kind="pseudo_masks", schema_version=h5.SCHEMA_VERSION, classes=json.dumps(list(classes)),
+                       fg=0.5, bg=0.1, crf="{}", thresholds="fixed")
+    return path
+
+
+def test_segmentation_loss_ignores_255():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 1, 8, 8, requires_grad=True)
+    target = torch.randint(0, 2, (2, 1, 8, 8), dtype=torch.uint8)
+    target[:, :, :4] = 255
+    loss = losses.segmentation_loss(logits, target)
+    loss.backward()
+    assert torch.all(logits.grad[:, :, :4] == 0) and logits.grad[:, :, 4:].abs().sum() > 0
+    other = logits.detach().clone()
+    other[:, :, :4] = 100.0  # whatever is predicted under the ignore label does not matter
+    assert losses.segmentation_loss(other, target) == pytest.approx(float(loss.detach()), rel=1e-6)
+
+
+def test_segmentation_loss_has_gradient_on_an_all_negative_batch():
+    logits = torch.zeros(2, 1, 8, 8, requires_grad=True)
+    losses.segmentation_loss(logits, torch.zeros(2, 1, 8, 8, dtype=torch.uint8)).backward()
+    assert logits.grad.sum() > 0  # pushes every pixel towards background
+
+
+def test_pseudo_targets_keep_ignore_and_union_any():
+    mask = np.array([[0, 1, 2], [255, 0, 2]], np.uint8)
+    t = data.mask_targets(mask, ["epidural", "subdural"], ["any", "subdural"])
+    assert t[0].tolist() == [[0, 1, 1], [255, 0, 1]]
+    assert t[1].tolist() == [[0, 0, 1], [255, 0, 1]]
+
+
+def test_segmenter_stage_trains_on_pseudo_masks_and_predicts(tmp_path, make_params):
+    ds = tiny_dataset(tmp_path / "dataset.h5")
+    with h5.DatasetFile(ds) as f:
+        truth = f.all_masks(np.arange(f.n))  # test fixture only: pseudo-masks that equal the truth
+    truth[:, :2] = 255
+    pseudo = write_pseudo(tmp_path / "pseudo.h5", truth)
+    params = make_params(common={"device": "cpu"}, train_segmenter=TINY_SEG)
+    metrics = train.run_segmenter(params, ds, pseudo, tmp_path / "seg.pt", None)
+    assert {"dice_pos", "fp_slice_rate"} <= set(metrics)
+    model, ckpt = load_model(tmp_path / "seg.pt", arch="segmenter")
+    with h5.DatasetFile(ds) as f:
+        prob = predict_masks(model, f, [5, 1, 3], params.input, batch_size=2)
+    assert prob.shape == (3, 1, 32, 32) and prob.dtype == np.float32 and 0 <= prob.min() <= prob.max() <= 1
+
+
+def test_masks_without_a_class_are_refused():
+    with pytest.raises(InvalidInputError, match=r"pseudo.h5: masks hold the classes \['any'\].*\['subdural'\]"):
+        data.check_mask_classes(["any"], ["any", "subdural"], "pseudo.h5")
+
+
+def test_oracle_disabled_writes_a_marker(tmp_path, make_params):
+    ds = tiny_dataset(tmp_path / "dataset.h5")
+    params = make_params(train_oracle={"enabled": False})
+    train.run_oracle(params, ds, tmp_path / "oracle.pt", None)
+    with pytest.raises(InvalidInputError, match="disabled"):
+        load_model(tmp_path / "oracle.pt")
+
+
+def test_segmenter_encoder_weights_file_is_checked(tmp_path):
+    missing = tmp_path / "encoder.pth"
+    with pytest.raises(InvalidInputError, match="encoder.pth does not exist"):
+        create_segmenter("Unet", "resnet18", 3, 1, encoder_weights=str(missing))

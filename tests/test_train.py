@@ -1,0 +1,138 @@
+"""The one training loop on tiny real data: loss falls, runs are reproducible, resume works, stages write."""
+
+from __future__ import annotations
+
+import json
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+from weak2full import data, h5, losses, train
+from weak2full.models import create_heatmap, load_model
+
+
+def tiny_dataset(path, size: int = 32, patients: int = 6, slices: int = 4, seed: int = 0):
+    """A dataset.h5 of bright discs (60 HU blood on 35 HU brain) on every other slice; split 4/1/1 patients.
+
+    Val and test are annotated. Masks use the single class ``any``.
+    """
+    rng = np.random.default_rng(seed)
+    n = patients * slices
+    yy, xx = np.mgrid[:size, :size]
+    image = np.full((n, size, size), -1000, np.int16)
+    head = (yy - size / 2) ** 2 + (xx - size / 2) ** 2 < (0.45 * size) ** 2
+    mask = np.zeros((n, size, size), np.uint8)
+    for i in range(n):
+        image[i][head] = 35 + rng.normal(0, 2, head.sum()).astype(np.int16)
+        if i % 2:
+            cy, cx = rng.integers(size // 3, 2 * size // 3, 2)
+            blob = (yy - cy) ** 2 + (xx - cx) ** 2 < (size / 10) ** 2
+            image[i][blob] = 60
+            mask[i][blob] = 1
+    patient = np.repeat(np.arange(patients), slices)
+    split = np.select([patient == patients - 2, patient == patients - 1], [1, 2], 0)
+    h5.write_dataset(path, image=image, patient=patient, slice_index=np.tile(np.arange(slices), patients),
+                     label=(mask.reshape(n, -1).max(1) > 0)[:, None].astype(np.uint8), mask=mask,
+                     has_mask=split > 0, split=split, classes=["any"], mask_classes=["any"],
+                     masks_complete=True, source="test")
+    return path
+
+
+TINY = dict(encoder="resnet10t", batch_size=4, steps_per_epoch=3, epochs=2,
+            lr=3e-3, augment=dict(affine=0.0))
+HEAT = {**TINY, "heatmap_size": 32, "decoder_channels": [16, 8]}
+
+
+@pytest.fixture
+def tiny(tmp_path):
+    return tiny_dataset(tmp_path / "dataset.h5")
+
+
+def test_heatmap_loss_falls(tiny, make_params):
+    p = make_params(common={"device": "cpu"}, train_classifier=HEAT).train_classifier
+    torch.manual_seed(0)
+    model = create_heatmap(p, 3, 1, 32)
+    ds = data.SliceDataset(tiny, np.arange(16), make_params().input, ["any"], "label")
+    x, y = map(torch.stack, zip(*(ds[i] for i in range(8))))
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    first = None
+    for _ in range(15):
+        loss = losses.heatmap_loss(model(x), y)
+        first = first if first is not None else float(loss.detach())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert float(loss) < 0.7 * first
+
+
+def test_balanced_sampler_is_seeded_and_balanced():
+    positive = np.arange(20) < 3
+    a = list(data.BalancedBatchSampler(positive, 4, 5, 0.5, seed=1))
+    b = list(data.BalancedBatchSampler(positive, 4, 5, 0.5, seed=1))
+    assert a == b
+    assert all(sum(positive[i] for i, _ in batch) == 2 for batch in a)
+
+
+def test_dataset_pickles_without_a_file_handle(tiny, make_params):
+    ds = data.SliceDataset(tiny, np.arange(4), make_params().input, ["any"], "label")
+    ds[0]  # opens the file in this process
+    clone = pickle.loads(pickle.dumps(ds))
+    assert clone._file is None
+    x, y = clone[1]
+    assert x.shape == (3, 32, 32) and y.tolist() == [1.0]
+
+
+def test_slices_mode_repeats_edge_slices():
+    patient = np.array([0, 0, 0, 1, 1])
+    prev, nxt = data.neighbours(patient, np.arange(5))
+    assert prev.tolist() == [0, 0, 1, 3, 3]
+    assert nxt.tolist() == [1, 2, 2, 4, 4]
+
+
+def test_classifier_stage_is_reproducible_and_writes_outputs(tiny, tmp_path, make_params):
+    params = make_params(common={"device": "cpu"}, train_classifier={**HEAT, "epochs": 1})
+    a = train.run_classifier(params, tiny, tmp_path / "a.pt", tmp_path / "a.json", tmp_path / "live")
+    train.run_classifier(params, tiny, tmp_path / "b.pt", tmp_path / "b.json", None)
+    wa, wb = (torch.load(tmp_path / f"{n}.pt", weights_only=True)["state_dict"] for n in "ab")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    saved = json.loads((tmp_path / "a.json").read_text())
+    for split in ("val", "test"):
+        assert {"auroc", "ap", "per_class", "point_acc", "map_dice"} <= set(saved[split])
+    assert saved["val"]["auroc"] == pytest.approx(a["val"]["auroc"])
+    assert (tmp_path / "live" / "metrics.json").is_file()
+    assert not (tmp_path / ".a.resume.pt").exists()  # the resume state goes once training finished
+    model, ckpt = load_model(tmp_path / "a.pt", arch="heatmap")
+    assert ckpt["classes"] == ["any"] and model(torch.zeros(1, 3, 32, 32))["map"].shape == (1, 1, 32, 32)
+
+
+def test_resume_continues_from_the_last_epoch(tiny, tmp_path, make_params, capsys):
+    params = make_params(common={"device": "cpu"}, baseline_cam={**TINY, "epochs": 2})
+    full = train.run_baseline(params, tiny, tmp_path / "full.pt", tmp_path / "full.json", None)
+
+    class Stop(Exception):
+        pass
+
+    calls = {"n": 0}
+    real = train.classifier_metrics
+
+    def interrupt_in_epoch_two(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise Stop
+        return real(*args, **kwargs)
+
+    train.classifier_metrics = interrupt_in_epoch_two
+    try:
+        with pytest.raises(Stop):
+            train.run_baseline(params, tiny, tmp_path / "r.pt", tmp_path / "r.json", None)
+    finally:
+        train.classifier_metrics = real
+    assert (tmp_path / ".r.resume.pt").is_file() and not (tmp_path / "r.pt").exists()
+    resumed = train.run_baseline(params, tiny, tmp_path / "r.pt", tmp_path / "r.json", None)
+    captured = capsys.readouterr()
+    assert "resuming after epoch 1" in captured.out + captured.err
+    wf, wr = (torch.load(tmp_path / f"{n}.pt", weights_only=True)["state_dict"] for n in ("full", "r"))
+    assert all(torch.allclose(wf[k].float(), wr[k].float()) for k in wf)
+    assert resumed["test"]["auroc"] == pytest.approx(full["test"]["auroc"])
