@@ -10,10 +10,13 @@ and no annotated slice, so the stage does no calibration and no scoring, only th
 * speed: images/s of ``weak2full.pseudo_masks.run`` with P workers (whole stage: HDF5 in and out, pool
   start included) against a single-process loop calling ``make_pseudo_mask`` on arrays in memory.
   Target: rate(P) >= 0.8 * P * rate(loop).
-* memory: the stage runs in a fresh subprocess per size: peak RSS of the stage process
-  (``resource.getrusage`` maxrss) and the peak of the whole process tree's summed RSS (stage, fork
-  server, workers; sampled from /proc every 50 ms, since pool workers are the fork server's children and
-  never reach this process's RUSAGE_CHILDREN). Target: peak at 10,000 slices within 10% of 1,000.
+* memory: inputs are made and the stage is run each in a fresh subprocess per size (Linux carries
+  ``ru_maxrss`` across fork+exec, so a child of a process that once held 10,000 slices would report that
+  parent's peak). Reported: the stage process's ``resource.getrusage`` maxrss (and its VmHWM from /proc,
+  the same peak without that inheritance), and the peak of the whole
+  process tree's summed RSS (stage, fork server, workers; sampled from /proc every 50 ms, since pool
+  workers are the fork server's children and never reach RUSAGE_CHILDREN; shared pages count once per
+  process). Target: peak at 10,000 slices within 10% of 1,000.
 
 Timings on a machine shared with other jobs are contention-bound: the load average is printed with them.
 """
@@ -173,7 +176,9 @@ def child(args) -> None:
     done.set()
     sampler.join()
     own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-    print(json.dumps({"stage_mib": own, "tree_mib": peak[0]}))
+    hwm = [line for line in Path("/proc/self/status").read_text().splitlines() if line.startswith("VmHWM")]
+    hwm_mib = int(hwm[0].split()[1]) / 1024  # this process image's own peak (reset by exec)
+    print(json.dumps({"stage_mib": own, "hwm_mib": hwm_mib, "tree_mib": peak[0]}))
 
 
 def main() -> None:
@@ -183,7 +188,11 @@ def main() -> None:
     ap.add_argument("--speed-slices", type=int, default=1000, help="0 skips the speed part")
     ap.add_argument("--memory-slices", type=int, nargs="*", default=[1000, 10000])
     ap.add_argument("--child", help=argparse.SUPPRESS)
+    ap.add_argument("--make", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.make:
+        make_inputs(Path(args.child), args.make)
+        return
     if args.child:
         return child(args)
 
@@ -195,7 +204,7 @@ def main() -> None:
         for n in args.memory_slices:
             folder = Path(tmp) / f"mem{n}"
             folder.mkdir()
-            make_inputs(folder, n)
+            subprocess.run([sys.executable, __file__, "--child", str(folder), "--make", str(n)], check=True)
             cmd = [sys.executable, __file__, "--child", str(folder), "--workers", str(args.workers)]
             cmd += ["--chunk-size", str(args.chunk_size)]
             t0 = time.perf_counter()
@@ -204,9 +213,9 @@ def main() -> None:
             for f in folder.iterdir():
                 f.unlink()
     print(f"\npeak memory (maxrss, MiB), workers={args.workers}, chunk_size={args.chunk_size}")
-    print(f"{'slices':>8}{'stage':>10}{'all procs':>11}{'seconds':>10}")
+    print(f"{'slices':>8}{'stage':>10}{'VmHWM':>10}{'all procs':>11}{'seconds':>10}")
     for n, mem, secs in rows:
-        print(f"{n:>8}{mem['stage_mib']:>10.1f}{mem['tree_mib']:>11.1f}{secs:>10.1f}")
+        print(f"{n:>8}{mem['stage_mib']:>10.1f}{mem['hwm_mib']:>10.1f}{mem['tree_mib']:>11.1f}{secs:>10.1f}")
     if len(rows) >= 2:
         (n0, m0, _), (n1, m1, _) = rows[0], rows[-1]
         for key, what in (("stage_mib", "stage process"), ("tree_mib", "all processes")):
