@@ -9,7 +9,9 @@ and no annotated slice, so the stage does no calibration and no scoring, only th
 
 * speed: images/s of ``weak2full.pseudo_masks.run`` with P workers (whole stage: HDF5 in and out, pool
   start included) against a single-process loop calling ``make_pseudo_mask`` on arrays in memory.
-  Target: rate(P) >= 0.8 * P * rate(loop).
+  Target: rate(P) >= 0.8 * P * rate(loop). Also CPU ms per slice summed over all processes (workers
+  counted once reaped): equal CPU per slice means the pool adds no work, so on P idle cores its rate is
+  the loop's times P, whatever a busy machine lets the wall clock show.
 * memory: inputs are made and the stage is run each in a fresh subprocess per size (Linux carries
   ``ru_maxrss`` across fork+exec, so a child of a process that once held 10,000 slices would report that
   parent's peak). Reported: the stage process's ``resource.getrusage`` maxrss (and its VmHWM from /proc,
@@ -93,9 +95,21 @@ def bench_params(workers: int, chunk_size: int):
     )
 
 
-def run_stage(folder: Path, dataset: Path, cams: Path, workers: int, chunk_size: int) -> float:
-    """Seconds for the whole stage."""
-    t0 = time.perf_counter()
+def _cpu_seconds() -> float:
+    """CPU time of this process and of its reaped children (pool workers, once the pool shut down)."""
+    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def timed(fn, *args) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of all processes) of fn(*args)."""
+    t0, c0 = time.perf_counter(), _cpu_seconds()
+    fn(*args)
+    return time.perf_counter() - t0, _cpu_seconds() - c0
+
+
+def run_stage(folder: Path, dataset: Path, cams: Path, workers: int, chunk_size: int) -> None:
+    """The whole stage, thresholds fixed."""
     run(
         bench_params(workers, chunk_size),
         dataset,
@@ -104,19 +118,14 @@ def run_stage(folder: Path, dataset: Path, cams: Path, workers: int, chunk_size:
         folder / "m.json",
         folder / "c.json",
     )
-    return time.perf_counter() - t0
 
 
-def plain_loop(dataset: Path, cams: Path) -> float:
-    """Seconds for a single-process loop over pydensecrf (via make_pseudo_mask) on in-memory arrays."""
+def plain_loop(images: np.ndarray, cam: np.ndarray) -> None:
+    """A single-process loop over pydensecrf (via make_pseudo_mask) on in-memory arrays."""
     pm = bench_params(1, 256).pseudo_masks
-    with h5py.File(dataset, "r") as d, h5py.File(cams, "r") as c:
-        images, cam = d["image"][:], c["cam"][:]
     label = np.ones(1, np.uint8)
-    t0 = time.perf_counter()
     for i in range(len(images)):
         make_pseudo_mask(normalise_cam(cam[i], "sigmoid"), label, images[i], pm.fg, pm.bg, pm.crf)
-    return time.perf_counter() - t0
 
 
 def _tree_rss_mib(root: int) -> float:
@@ -146,16 +155,25 @@ def speed(folder: Path, args) -> None:
     folder.mkdir()
     n = args.speed_slices
     dataset, cams = make_inputs(folder, n)
-    loop = n / plain_loop(dataset, cams)
-    one = n / run_stage(folder, dataset, cams, 1, args.chunk_size)
-    pool = n / run_stage(folder, dataset, cams, args.workers, args.chunk_size)
+    with h5py.File(dataset, "r") as d, h5py.File(cams, "r") as c:
+        images, cam = d["image"][:], c["cam"][:]
+    chunk = args.chunk_size
+    rows = [
+        ("single-process pydensecrf loop", timed(plain_loop, images, cam)),
+        ("stage, workers=1 (inline)", timed(run_stage, folder, dataset, cams, 1, chunk)),
+        (
+            f"stage, workers={args.workers} (pool)",
+            timed(run_stage, folder, dataset, cams, args.workers, chunk),
+        ),
+    ]
     same = (folder / "out-1.h5").read_bytes() == (folder / f"out-{args.workers}.h5").read_bytes()
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     print(f"\nspeed, {n} slices of {SIZE}x{SIZE}, {os.cpu_count()} CPUs, load average {load}")
-    print(f"{'what':<34}{'images/s':>10}{'x loop':>8}")
-    print(f"{'single-process pydensecrf loop':<34}{loop:>10.1f}{1.0:>8.2f}")
-    print(f"{'stage, workers=1 (inline)':<34}{one:>10.1f}{one / loop:>8.2f}")
-    print(f"{f'stage, workers={args.workers} (pool)':<34}{pool:>10.1f}{pool / loop:>8.2f}")
+    print(f"{'what':<34}{'images/s':>10}{'x loop':>8}{'CPU ms/slice':>14}")
+    loop = n / rows[0][1][0]
+    for what, (wall, cpu) in rows:
+        print(f"{what:<34}{n / wall:>10.1f}{n / wall / loop:>8.2f}{1000 * cpu / n:>14.2f}")
+    pool = n / rows[-1][1][0]
     target = 0.8 * args.workers
     print(f"target x loop >= {target:.2f}: {'met' if pool / loop >= target else 'NOT met'}")
     print(f"output bytes workers=1 vs {args.workers}: {'identical' if same else 'DIFFERENT'}", flush=True)

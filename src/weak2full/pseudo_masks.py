@@ -17,6 +17,7 @@ import collections
 import json
 import multiprocessing
 import os
+import sys
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import ExitStack
 from functools import partial
@@ -201,11 +202,13 @@ class _Pool:
         self.workers = workers
         self._ex = None
         if workers > 1:
-            # forkserver: workers fork from a clean server process that imported this module once, so
-            # they start in milliseconds and never inherit open HDF5 handles or threads of the caller.
-            ctx = multiprocessing.get_context("forkserver")
-            ctx.set_forkserver_preload([__name__])
-            self._ex = ProcessPoolExecutor(workers, mp_context=ctx)
+            # Linux: fork, so workers start in milliseconds with this module already imported (a fresh
+            # import costs seconds). The workers are launched right here, by a first no-op task, so
+            # build the pool before opening any HDF5 file: children then inherit no open handle.
+            # Elsewhere: spawn.
+            method = "fork" if sys.platform.startswith("linux") else "spawn"
+            self._ex = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(method))
+            self._ex.submit(int).result()
 
     def map(self, fn: Callable, items: Sequence) -> Iterator:
         """Start ``fn`` on every item now; iterate the results in input order."""
@@ -527,11 +530,11 @@ def run(
     dataset, cams, out = Path(dataset), Path(cams), Path(out)
     workers = pm.workers or os.cpu_count() or 1
     with ExitStack() as stack:
+        pool = _Pool(workers)  # first: its workers must not inherit open HDF5 files
+        stack.callback(pool.close)
         ds, cf, normalisation, labels = _open_inputs(params, dataset, cams)
         stack.callback(ds.close)
         stack.callback(cf.close)
-        pool = _Pool(workers)
-        stack.callback(pool.close)
         cam_ds = cf["cam"]
 
         cal = calibrate(params, ds, cam_ds, normalisation, labels, pool, cams)
