@@ -191,7 +191,7 @@ def _crf_fg_task(settings: tuple, item: tuple) -> np.ndarray:
     """Pool task for calibration: where the CRF calls any labelled class, bool (H, W)."""
     normalisation, crf = settings
     cam, label, image = item
-    cls, maps = _labelled_maps(normalise_cam(cam, normalisation), label, image.shape)
+    _, maps = _labelled_maps(normalise_cam(cam, normalisation), label, image.shape)
     return _crf_labels(maps, image, crf) > 0
 
 
