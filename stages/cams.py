@@ -5,7 +5,7 @@ from weak2full.cli import run_stage, stage_parser
 
 if __name__ == "__main__":
     parser = stage_parser(__doc__)
-    parser.add_argument("--model", required=True, help="classifier checkpoint (models/classifier.pt or gap_cam.pt)")
+    parser.add_argument("--model", required=True, help="classifier or gap_cam checkpoint")
     parser.add_argument("--method", choices=["heatmap", "gap_cam"], default=None,
                         help="which network the checkpoint holds (default: read from the checkpoint)")
     parser.add_argument("--dataset", required=True, help="dataset.h5 from prepare")

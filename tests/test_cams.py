@@ -15,13 +15,13 @@ from weak2full.models import create_model, load_model, model_config, save_checkp
 
 
 def checkpoint(path, arch, make_params, heatmap_size=32):
-    p = make_params(train_classifier={"encoder": "resnet10t", "decoder_channels": [8], "heatmap_size": heatmap_size},
-                    baseline_cam={"encoder": "resnet10t"})
+    heat = {"encoder": "resnet10t", "decoder_channels": [8], "heatmap_size": heatmap_size}
+    p = make_params(train_classifier=heat, baseline_cam={"encoder": "resnet10t"})
     section = p.train_classifier if arch == "heatmap" else p.baseline_cam
     torch.manual_seed(0)
     config = model_config(arch, section, 3, 1, 32)
-    save_checkpoint(path, create_model(arch, config), arch, config, ["any"], input=p.input.model_dump(mode="json"),
-                    heatmap_size=heatmap_size)
+    save_checkpoint(path, create_model(arch, config), arch, config, ["any"],
+                    input=p.input.model_dump(mode="json"), heatmap_size=heatmap_size)
     return path
 
 

@@ -24,8 +24,8 @@ def write_pseudo(path, mask: np.ndarray, classes=("any",)):
         f["mask"] = mask.astype(np.uint8)
         f["fg_fraction"] = ((mask > 0) & (mask != 255)).mean(axis=(1, 2)).astype(np.float32)
         f["ignore_fraction"] = (mask == 255).mean(axis=(1, 2)).astype(np.float32)
-        f.attrs.update(kind="pseudo_masks", schema_version=h5.SCHEMA_VERSION, classes=json.dumps(list(classes)),
-                       fg=0.5, bg=0.1, crf="{}", thresholds="fixed")
+        f.attrs.update(kind="pseudo_masks", schema_version=h5.SCHEMA_VERSION,
+                       classes=json.dumps(list(classes)), fg=0.5, bg=0.1, crf="{}", thresholds="fixed")
     return path
 
 
@@ -71,7 +71,8 @@ def test_segmenter_stage_trains_on_pseudo_masks_and_predicts(tmp_path, make_para
 
 
 def test_masks_without_a_class_are_refused():
-    with pytest.raises(InvalidInputError, match=r"pseudo.h5: masks hold the classes \['any'\].*\['subdural'\]"):
+    expected = r"pseudo.h5: masks hold the classes \['any'\].*\['subdural'\]"
+    with pytest.raises(InvalidInputError, match=expected):
         data.check_mask_classes(["any"], ["any", "subdural"], "pseudo.h5")
 
 

@@ -40,7 +40,7 @@ def tiny_dataset(path, size: int = 32, patients: int = 6, slices: int = 4, seed:
     return path
 
 
-TINY = dict(encoder="resnet10t", batch_size=4, steps_per_epoch=3, epochs=2,
+TINY = dict(encoder="resnet10t", batch_size=4, steps_per_epoch=2, epochs=2,
             lr=3e-3, augment=dict(affine=0.0))
 HEAT = {**TINY, "heatmap_size": 32, "decoder_channels": [16, 8]}
 

@@ -55,7 +55,7 @@ def predict_cams(
     batch_size: int = 32,
     device: str | torch.device = "cpu",
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Raw maps float32 (n, K, S, S) at S = ``heatmap_size`` and probabilities float32 (n, K) for rows ``idx``.
+    """Raw maps float32 (n, K, S, S), S = ``heatmap_size``, and probabilities float32 (n, K) of rows ``idx``.
 
     Works for both classifiers: the heatmap network's map is already S x S; gap_cam's stride-32 CAM is
     upsampled bilinearly to S. Only images are read from ``dataset_file``.
@@ -78,8 +78,10 @@ def predict_cams(
     return np.concatenate(cams), np.concatenate(probs)
 
 
-def run(params, model_path: str | Path, dataset_path: str | Path, out: str | Path, method: str | None = None) -> Path:
-    """The cams stage: maps of every slice of ``dataset_path`` by the classifier in ``model_path`` into ``out``.
+def run(
+    params, model_path: str | Path, dataset_path: str | Path, out: str | Path, method: str | None = None
+) -> Path:
+    """The cams stage: maps of every slice of ``dataset_path`` by the classifier ``model_path`` into ``out``.
 
     ``method`` (``heatmap`` or ``gap_cam``; None: whatever the checkpoint holds) must match the
     checkpoint's architecture. Writes ``cam`` float16 (N, K, S, S) chunked per slice and ``prob``
@@ -94,7 +96,9 @@ def run(params, model_path: str | Path, dataset_path: str | Path, out: str | Pat
     model, ckpt = load_model(model_path, arch=method, device=str(device))
     method = ckpt["arch"]
     if method not in NORMALISATION:
-        raise InvalidInputError(f"checkpoint {model_path} holds a '{method}' network, not a classifier with maps.")
+        raise InvalidInputError(
+            f"checkpoint {model_path} holds a '{method}' network, not a classifier with maps."
+        )
     classes = list(ckpt["classes"])
     if classes != list(params.common.classes):
         raise InvalidInputError(
@@ -105,9 +109,14 @@ def run(params, model_path: str | Path, dataset_path: str | Path, out: str | Pat
     # The map side the classifier was trained and selected at (gap_cam's CAM is upsampled to it).
     size = int(ckpt["heatmap_size"])
     out = Path(out)
-    with DatasetFile(dataset_path) as ds, atomic_output(out) as tmp, h5py.File(tmp, "w", track_order=True) as f:
+    with (
+        DatasetFile(dataset_path) as ds,
+        atomic_output(out) as tmp,
+        h5py.File(tmp, "w", track_order=True) as f,
+    ):
         n, k = ds.n, len(classes)
-        cam = f.create_dataset("cam", (n, k, size, size), np.float16, chunks=(1, k, size, size), track_times=False)
+        shape = (n, k, size, size)
+        cam = f.create_dataset("cam", shape, np.float16, chunks=(1, k, size, size), track_times=False)
         prob = f.create_dataset("prob", (n, k), np.float32, track_times=False)
         chunk = params.cams.chunk_size
         for start in tqdm(range(0, n, chunk), desc=f"cams ({method})", unit="chunk"):

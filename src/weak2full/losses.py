@@ -27,7 +27,9 @@ def consistency(maps: list[torch.Tensor]) -> torch.Tensor:
     return total / max(1, len(maps) - 1)
 
 
-def heatmap_loss(out: dict, target: torch.Tensor, ds_weight: float = 0.5, cons_weight: float = 0.1) -> torch.Tensor:
+def heatmap_loss(
+    out: dict, target: torch.Tensor, ds_weight: float = 0.5, cons_weight: float = 0.1
+) -> torch.Tensor:
     """``out`` from :class:`weak2full.models.HeatmapNet`; ``target`` float (B, K) in {0, 1}."""
     loss = F.binary_cross_entropy_with_logits(out["logits"].float(), target)
     if out["aux_logits"] and ds_weight > 0:

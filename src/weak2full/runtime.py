@@ -16,7 +16,9 @@ def choose_device(setting: str = "auto") -> torch.device:
     if setting == "cuda" and not torch.cuda.is_available():
         from weak2full.errors import InvalidParameterError
 
-        raise InvalidParameterError("The 'common.device' parameter is 'cuda' but no CUDA device is available.")
+        raise InvalidParameterError(
+            "The 'common.device' parameter is 'cuda' but no CUDA device is available."
+        )
     if setting == "cpu" or not torch.cuda.is_available():
         return torch.device("cpu")
     return torch.device("cuda")

@@ -319,7 +319,9 @@ def _train_classifier(params: Params, arch: str, dataset: str | Path, out_model:
         size = ds.height
         train_idx, val_idx, test_idx = ds.indices("train"), ds.indices("val"), ds.indices("test")
         if len(train_idx) == 0 or not ds.has_mask[val_idx].any():
-            raise InvalidInputError(f"{dataset}: needs train slices and annotated val slices to select a model.")
+            raise InvalidInputError(
+                f"{dataset}: needs train slices and annotated val slices to select a model."
+            )
         select_idx = selection_rows(ds, classes, section.val_negative_ratio, params.common.seed)
     heatmap_size = params.train_classifier.heatmap_size
     config = model_config(arch, section, ip.in_channels, len(classes), size)
@@ -354,7 +356,9 @@ def _train_classifier(params: Params, arch: str, dataset: str | Path, out_model:
     return result
 
 
-def run_classifier(params: Params, dataset, out_model, out_metrics, live_dir="dvclive/train_classifier") -> dict:
+def run_classifier(
+    params: Params, dataset, out_model, out_metrics, live_dir="dvclive/train_classifier"
+) -> dict:
     """train_classifier stage: heatmap network -> ``out_model`` and ``{"val": ..., "test": ...}`` metrics."""
     return _train_classifier(params, "heatmap", dataset, out_model, out_metrics, live_dir)
 
@@ -364,7 +368,9 @@ def run_baseline(params: Params, dataset, out_model, out_metrics, live_dir="dvcl
     return _train_classifier(params, "gap_cam", dataset, out_model, out_metrics, live_dir)
 
 
-def _train_segmenter(params: Params, section, train_set: SliceDataset, dataset, out_model, live_dir, desc) -> dict:
+def _train_segmenter(
+    params: Params, section, train_set: SliceDataset, dataset, out_model, live_dir, desc: str
+) -> dict:
     device = _setup(params)
     classes, ip = list(params.common.classes), params.input
     config = model_config("segmenter", section, ip.in_channels, len(classes), 0)
@@ -398,7 +404,8 @@ def run_segmenter(params: Params, dataset, pseudo, out_model, live_dir="dvclive/
         train_idx = ds.indices("train")
     train_set = SliceDataset(dataset, train_idx, params.input, params.common.classes, "pseudo",
                              params.train_segmenter.augment, pseudo_path=pseudo)
-    return _train_segmenter(params, params.train_segmenter, train_set, dataset, out_model, live_dir, "segmenter")
+    section = params.train_segmenter
+    return _train_segmenter(params, section, train_set, dataset, out_model, live_dir, "segmenter")
 
 
 def run_oracle(params: Params, dataset, out_model, live_dir="dvclive/train_oracle") -> dict:

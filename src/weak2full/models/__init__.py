@@ -41,11 +41,12 @@ __all__ = [
 
 
 def model_config(arch: str, p, in_channels: int, num_classes: int, input_size: int) -> dict:
-    """Keyword arguments of the ``arch`` factory from its params section (JSON-able, stored in checkpoints)."""
+    """Keyword arguments of the ``arch`` factory from its params section (JSON-able, kept in checkpoints)."""
     if arch == "heatmap":
-        return dict(encoder=p.encoder, in_channels=in_channels, num_classes=num_classes, input_size=input_size,
-                    heatmap_size=p.heatmap_size, decoder_channels=list(p.decoder_channels), pooling=p.pooling,
-                    lse_r=p.lse_r, topk_fraction=p.topk_fraction, deep_supervision=p.deep_supervision)
+        return dict(encoder=p.encoder, in_channels=in_channels, num_classes=num_classes,
+                    input_size=input_size, heatmap_size=p.heatmap_size,
+                    decoder_channels=list(p.decoder_channels), pooling=p.pooling, lse_r=p.lse_r,
+                    topk_fraction=p.topk_fraction, deep_supervision=p.deep_supervision)
     if arch == "gap_cam":
         return dict(encoder=p.encoder, in_channels=in_channels, num_classes=num_classes)
     if arch == "segmenter":
@@ -67,7 +68,8 @@ def create_model(arch: str, config: dict, encoder_weights: str | None = None) ->
 
 
 def create_heatmap(p: ClassifierParams, in_channels: int, num_classes: int, input_size: int) -> nn.Module:
-    return create_model("heatmap", model_config("heatmap", p, in_channels, num_classes, input_size), p.encoder_weights)
+    config = model_config("heatmap", p, in_channels, num_classes, input_size)
+    return create_model("heatmap", config, p.encoder_weights)
 
 
 def create_gap_cam(p: BaselineParams, in_channels: int, num_classes: int) -> nn.Module:
@@ -75,14 +77,15 @@ def create_gap_cam(p: BaselineParams, in_channels: int, num_classes: int) -> nn.
 
 
 def create_segmenter_from(p: SegmenterParams, in_channels: int, num_classes: int) -> nn.Module:
-    return create_model("segmenter", model_config("segmenter", p, in_channels, num_classes, 0), p.encoder_weights)
+    config = model_config("segmenter", p, in_channels, num_classes, 0)
+    return create_model("segmenter", config, p.encoder_weights)
 
 
 def save_checkpoint(path: str | Path, model: nn.Module, arch: str, config: dict, classes: list[str],
                     **extra) -> dict:
     """The checkpoint dict (also what ``torch.save`` writes to ``path`` when given)."""
-    ckpt = {"arch": arch, "config": config, "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-            "classes": list(classes), **extra}
+    weights = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    ckpt = {"arch": arch, "config": config, "state_dict": weights, "classes": list(classes), **extra}
     if path is not None:
         from weak2full.h5 import atomic_output
 
@@ -113,14 +116,21 @@ def load_model(path: str | Path, arch: str | None = None, device: str = "cpu") -
     except Exception as exc:  # noqa: BLE001
         raise InvalidInputError(f"checkpoint {path} is not a readable weak2full checkpoint: {exc}") from None
     if not isinstance(ckpt, dict) or not {"arch", "config", "state_dict"} <= set(ckpt):
-        raise InvalidInputError(f"checkpoint {path} is not a weak2full checkpoint (no arch/config/state_dict).")
+        raise InvalidInputError(
+            f"checkpoint {path} is not a weak2full checkpoint (no arch/config/state_dict)."
+        )
     if ckpt["arch"] == "disabled":
-        raise InvalidInputError(f"checkpoint {path} is a marker: {ckpt.get('reason', 'its stage is disabled')}.")
+        reason = ckpt.get("reason", "its stage is disabled")
+        raise InvalidInputError(f"checkpoint {path} is a marker: {reason}.")
     if arch is not None and ckpt["arch"] != arch:
-        raise InvalidInputError(f"checkpoint {path} holds a '{ckpt['arch']}' network, expected a '{arch}' one.")
+        raise InvalidInputError(
+            f"checkpoint {path} holds a '{ckpt['arch']}' network, expected a '{arch}' one."
+        )
     try:
         model = create_model(ckpt["arch"], ckpt["config"])
         model.load_state_dict(ckpt["state_dict"])
     except (RuntimeError, TypeError, ValueError) as exc:
-        raise InvalidInputError(f"checkpoint {path} does not match its own config: {str(exc)[:300]}") from None
+        raise InvalidInputError(
+            f"checkpoint {path} does not match its own config: {str(exc)[:300]}"
+        ) from None
     return model.eval().to(device), ckpt

@@ -22,7 +22,9 @@ def create_encoder(name: str, in_channels: int, weights: str | None, out_indices
         kwargs = {"out_indices": out_indices} if out_indices is not None else {}
         enc = timm.create_model(name, features_only=True, pretrained=False, in_chans=in_channels, **kwargs)
     except RuntimeError as exc:  # timm: "Unknown model (...)"
-        raise InvalidInputError(f"encoder '{name}' is not a timm model with features_only support: {exc}") from None
+        raise InvalidInputError(
+            f"encoder '{name}' is not a timm model with features_only support: {exc}"
+        ) from None
     if weights is not None:
         load_encoder_weights(enc, weights)
     return enc
@@ -40,14 +42,17 @@ def load_encoder_weights(module: nn.Module, path: str | Path) -> None:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unpickling failure means the same thing to the user
-        raise InvalidInputError(f"encoder_weights file {path} is not a readable torch state dict: {exc}") from None
+        raise InvalidInputError(
+            f"encoder_weights file {path} is not a readable torch state dict: {exc}"
+        ) from None
     for key in ("state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
     if not isinstance(state, dict):
         raise InvalidInputError(f"encoder_weights file {path} does not hold a state dict.")
     own = module.state_dict()
-    state = {k: v for k, v in state.items() if k in own or not k.split(".")[0] in ("fc", "head", "classifier")}
+    head = ("fc", "head", "classifier")  # a full classifier's head, absent from a features_only encoder
+    state = {k: v for k, v in state.items() if k in own or k.split(".")[0] not in head}
     try:
         module.load_state_dict(state, strict=True)
     except RuntimeError as exc:

@@ -54,7 +54,9 @@ class MapPooling(nn.Module):
             self.raw_r = nn.Parameter(torch.full((num_classes,), raw))
             self.bias = nn.Parameter(torch.zeros(num_classes))
         elif kind not in ("max", "topk"):
-            raise InvalidParameterError(f"The 'train_classifier.pooling' parameter must be lse, max or topk. Got {kind!r}.")
+            raise InvalidParameterError(
+                f"The 'train_classifier.pooling' parameter must be lse, max or topk. Got {kind!r} instead."
+            )
 
     def forward(self, maps: torch.Tensor) -> torch.Tensor:
         flat = maps.float().flatten(2)  # (B, K, S*S)
@@ -70,7 +72,8 @@ class MapPooling(nn.Module):
 
 class _ConvBN(nn.Sequential):
     def __init__(self, cin: int, cout: int):
-        super().__init__(nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+        conv = nn.Conv2d(cin, cout, 3, padding=1, bias=False)
+        super().__init__(conv, nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
 
 
 class _UpBlock(nn.Module):
