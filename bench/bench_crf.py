@@ -236,7 +236,7 @@ def main() -> None:
         print(f"{n:>8}{mem['stage_mib']:>10.1f}{mem['hwm_mib']:>10.1f}{mem['tree_mib']:>11.1f}{secs:>10.1f}")
     if len(rows) >= 2:
         (n0, m0, _), (n1, m1, _) = rows[0], rows[-1]
-        for key, what in (("stage_mib", "stage process"), ("tree_mib", "all processes")):
+        for key, what in (("hwm_mib", "stage process (VmHWM)"), ("tree_mib", "all processes")):
             print(f"{what} peak at {n1} vs {n0}: {m1[key] / m0[key] - 1:+.1%} (target within 10%)")
 
 
