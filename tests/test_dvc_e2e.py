@@ -1,0 +1,116 @@
+"""The DVC workflow users live in, with real git and real DVC in temporary directories.
+
+One module-scoped clone runs the smoke chain once; the tests then check what users rely on: a second
+`dvc repro` runs nothing, `dvc exp run -S` re-runs only what reads the changed param, `dvc push` to a
+local remote, and `dvc import` of the exported pseudo-label dataset into another repo.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from weak2full.export import load_pseudo_labels
+from weak2full.params import load_params
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+pytestmark = pytest.mark.slow
+
+
+def _env() -> dict:
+    env = os.environ.copy()
+    env["PATH"] = f"{BIN}{os.pathsep}{env['PATH']}"
+    # Relative on purpose: each DVC run (workspace or experiment temp dir) imports its own src/.
+    env["PYTHONPATH"] = "src"
+    env["DVC_NO_ANALYTICS"] = "1"
+    env["DVC_SITE_CACHE_DIR"] = str(Path(env.get("TMPDIR", "/tmp")) / "weak2full-dvc-site-cache")
+    for k, v in (("GIT_AUTHOR_NAME", "test"), ("GIT_AUTHOR_EMAIL", "test@localhost"),
+                 ("GIT_COMMITTER_NAME", "test"), ("GIT_COMMITTER_EMAIL", "test@localhost")):
+        env.setdefault(k, v)
+    return env
+
+
+def sh(*cmd: str, cwd: Path) -> str:
+    res = subprocess.run(list(cmd), cwd=cwd, env=_env(), capture_output=True, text=True, timeout=900)
+    if res.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({res.returncode}):\n{res.stdout}\n{res.stderr}")
+    return res.stdout + res.stderr
+
+
+def ran_stages(output: str) -> set[str]:
+    return set(re.findall(r"Running stage '([^']+)'", output))
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory) -> Path:
+    """A fresh clone with the smoke params committed and the chain reproduced once."""
+    work = tmp_path_factory.mktemp("e2e")
+    repo = work / "repo"
+    sh("git", "clone", "-q", str(ROOT), str(repo), cwd=work)
+    shutil.copy(repo / "params.smoke.yaml", repo / "params.yaml")
+    sh("git", "commit", "-qam", "smoke params", cwd=repo)
+    out = sh("dvc", "repro", cwd=repo)
+    assert "evaluate" in ran_stages(out) and "export" in ran_stages(out), out
+    sh("git", "add", "-A", cwd=repo)
+    sh("git", "commit", "-qm", "reproduced", cwd=repo)
+    return repo
+
+
+def test_first_repro_writes_every_output(repo):
+    for rel in ("data/prepared/dataset.h5", "data/cams/cams.h5", "data/cams/gap_cam.h5",
+                "data/pseudo/pseudo_masks.h5", "models/segmenter.pt", "models/oracle.pt",
+                "metrics/evaluate.json", "reports/index.html"):
+        assert (repo / rel).is_file(), rel
+    metrics = json.loads((repo / "metrics/evaluate.json").read_text())
+    for method in ("gap_cam", "heatmap", "pseudo_mask", "segmenter", "oracle"):
+        assert "dice_pos" in metrics[method], method
+    assert "weak_over_full" in metrics
+
+
+def test_second_repro_runs_nothing(repo):
+    out = sh("dvc", "repro", cwd=repo)
+    assert ran_stages(out) == set(), out
+    assert "up to date" in out
+
+
+def test_experiment_reruns_only_what_reads_the_param(repo):
+    out = sh("dvc", "exp", "run", "-n", "compat7", "-S", "pseudo_masks.crf.compat=7", cwd=repo)
+    ran = ran_stages(out)
+    assert "pseudo_masks" in ran, out
+    assert ran <= {"pseudo_masks", "train_segmenter", "evaluate", "export"}, ran
+    shown = sh("dvc", "exp", "show", "--json", cwd=repo)
+    names = json.dumps(json.loads(shown[shown.index("["):]))
+    assert "compat7" in names and "workspace" in names
+    # Back to the committed state for the other tests.
+    sh("git", "checkout", "--", ".", cwd=repo)
+    sh("dvc", "checkout", "-q", cwd=repo)
+
+
+def test_push_and_import_the_exported_dataset(repo, tmp_path):
+    remote = tmp_path / "remote"
+    sh("dvc", "remote", "add", "-d", "local", str(remote), cwd=repo)
+    sh("git", "commit", "-qam", "local remote", cwd=repo)
+    sh("dvc", "push", "-q", cwd=repo)
+    assert any(remote.rglob("*")), "dvc push wrote nothing"
+
+    name = load_params(repo / "params.yaml").export.name
+    other = tmp_path / "consumer"
+    other.mkdir()
+    sh("git", "init", "-q", cwd=other)
+    sh("dvc", "init", "-q", cwd=other)
+    sh("dvc", "import", str(repo), f"dist/{name}", "-o", "labels", cwd=other)
+    imported = load_pseudo_labels(other / "labels")
+    original = json.loads((repo / "dist" / name / "card.json").read_text())
+    assert imported.card == original
+    assert imported.mask.shape[0] == original["n_slices"]
+    assert imported.card["quality"]["evaluate"]["pseudo_mask"]["dice_pos"] == \
+        original["quality"]["evaluate"]["pseudo_mask"]["dice_pos"]
