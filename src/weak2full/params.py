@@ -219,9 +219,15 @@ class TrainParams(_Section):
 
 
 class ClassifierParams(TrainParams):
-    encoder: str = "resnet18"  # any timm model name with features_only support
+    # Defaults sized for the 15-minute CPU budget of the whole chain (about 4 minutes here): 300 steps
+    # of 16 slices, half of them positive, with a light encoder and a narrow decoder.
+    epochs: int = Field(6, ge=1)
+    steps_per_epoch: Optional[int] = Field(50, ge=1)
+    lr: float = Field(2e-3, gt=0.0)
+    encoder: str = "resnet10t"  # any timm model name with features_only support
     encoder_weights: Optional[str] = None  # None: random init; else a local weights file
-    decoder_channels: list[int] = Field(default_factory=lambda: [128, 64, 32, 16], min_length=1)
+    # Widths of the decoder blocks from the deepest feature up; the last repeats until the map's stride.
+    decoder_channels: list[int] = Field(default_factory=lambda: [64, 32, 16, 16], min_length=1)
     heatmap_size: int = Field(128, ge=4)  # side of the class maps; input side / heatmap_size = stride
     pooling: Literal["lse", "max", "topk"] = "lse"
     lse_r: float = Field(6.0, gt=0.0)  # log-sum-exp sharpness (learnable, this is its start)
@@ -234,7 +240,10 @@ class ClassifierParams(TrainParams):
 
 
 class BaselineParams(TrainParams):
-    encoder: str = "resnet18"
+    epochs: int = Field(4, ge=1)
+    steps_per_epoch: Optional[int] = Field(45, ge=1)
+    lr: float = Field(2e-3, gt=0.0)
+    encoder: str = "resnet10t"  # the heatmap network's encoder: the comparison is about the map
     encoder_weights: Optional[str] = None
     select_by: Literal["point_acc", "map_dice", "auroc"] = "map_dice"
 
@@ -317,11 +326,15 @@ class PseudoMaskParams(_Section):
 
 
 class SegmenterParams(TrainParams):
+    epochs: int = Field(4, ge=1)
+    steps_per_epoch: Optional[int] = Field(40, ge=1)
+    lr: float = Field(2e-3, gt=0.0)
     arch: str = "Unet"  # any segmentation-models-pytorch architecture
     encoder: str = "resnet18"  # smp encoder name, or "tu-<timm name>"
     encoder_weights: Optional[str] = None
-    # Unet-family decoder widths, one per decoder block (None: the architecture's default).
-    decoder_channels: Optional[list[int]] = None
+    # Unet-family decoder widths, one per decoder block (None: the architecture's default, 256..16,
+    # which costs about 1.5x the compute of this narrower one at 128x128).
+    decoder_channels: Optional[list[int]] = Field(default_factory=lambda: [128, 64, 32, 16, 16])
     dice_weight: float = Field(1.0, ge=0.0)  # loss = CE/BCE + dice_weight * Dice (ignore 255)
 
 

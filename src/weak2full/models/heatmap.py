@@ -40,8 +40,11 @@ def heatmap_stride(input_size: int, heatmap_size: int) -> int:
 class MapPooling(nn.Module):
     """(B, K, S, S) logit maps -> (B, K) image logits.
 
-    ``lse``: (1/r) log(mean exp(r x)) + b with per-class learnable sharpness r (starts at ``lse_r``,
-    kept positive by a softplus) and bias b (starts at 0); r -> 0 is the mean, r -> inf the max.
+    ``lse``: (1/r) log(mean exp(r x)) with per-class learnable sharpness r (starts at ``lse_r``, kept
+    positive by a softplus); r -> 0 is the mean, r -> inf the max. Its learnable per-class bias b
+    (starts at 0) is added to the *map* by :meth:`shift`, before pooling: LSE(x + b) = LSE(x) + b, so
+    the image logit is the same, and the map stays on the image logit's scale (sigmoid(map) > 0.5
+    where the pixel alone would make the image positive; the cams stage relies on that).
     ``max``: the largest pixel. ``topk``: mean of the ``topk_fraction`` largest pixels.
     """
 
@@ -58,6 +61,10 @@ class MapPooling(nn.Module):
                 f"The 'train_classifier.pooling' parameter must be lse, max or topk. Got {kind!r} instead."
             )
 
+    def shift(self, maps: torch.Tensor) -> torch.Tensor:
+        """Add the per-class bias (``lse`` only) to (B, K, S, S) maps."""
+        return maps + self.bias[None, :, None, None] if self.kind == "lse" else maps
+
     def forward(self, maps: torch.Tensor) -> torch.Tensor:
         flat = maps.float().flatten(2)  # (B, K, S*S)
         if self.kind == "max":
@@ -67,7 +74,7 @@ class MapPooling(nn.Module):
             return flat.topk(k, dim=2).values.mean(dim=2)
         r = F.softplus(self.raw_r)[None, :, None]
         lse = (torch.logsumexp(r * flat, dim=2, keepdim=True) - math.log(flat.shape[2])) / r
-        return lse[..., 0] + self.bias
+        return lse[..., 0]
 
 
 class _ConvBN(nn.Sequential):
@@ -144,8 +151,8 @@ class HeatmapNet(nn.Module):
         for block, red in zip(self.blocks, self._block_reductions):
             y = block(y, by_red.get(red), (h // red, w // red))
             outs.append(y)
-        maps = self.head(y)
-        aux_maps = [head(o) for head, o in zip(self.aux_heads, outs[::-1][1:])]
+        maps = self.pool.shift(self.head(y))
+        aux_maps = [self.pool.shift(head(o)) for head, o in zip(self.aux_heads, outs[::-1][1:])]
         return {
             "map": maps,
             "logits": self.pool(maps),
