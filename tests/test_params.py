@@ -11,7 +11,7 @@ from weak2full.params import Params, load_params, parse_params
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("name", ["params.yaml", "params.smoke.yaml"])
+@pytest.mark.parametrize("name", ["params.yaml", "params.smoke.yaml", "params.mri.yaml", "params.ct.yaml"])
 def test_shipped_params_files_validate(name):
     path = ROOT / name
     if not path.exists():
@@ -95,3 +95,13 @@ def test_missing_and_malformed_files(tmp_path):
 
 def test_invalid_parameter_error_is_a_value_error():
     assert issubclass(InvalidParameterError, ValueError)
+
+
+def test_params_files_are_what_the_schema_generates():
+    # params.yaml and the presets are generated from the schema defaults (tools/write_params.py), so a
+    # changed default cannot silently drift from the file users edit.
+    import runpy
+
+    render = runpy.run_path(str(ROOT / "tools" / "write_params.py"))["render"]
+    for name, text in render().items():
+        assert (ROOT / name).read_text() == text, f"{name} is stale: run python tools/write_params.py"
