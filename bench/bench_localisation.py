@@ -1,7 +1,8 @@
 """Localisation of the heatmap network vs the GAP-CAM baseline on the annotated test slices.
 
-Prints AUROC (all test slices), point_acc and map Dice (annotated test positives, map >= 0.5 after
-each method's normalisation) for both classifiers, with the seconds each took to train. Either scores
+Prints AUROC (all test slices), point_acc and map Dice (annotated test positives; each method's
+normalised map thresholded where it was best on val) for both classifiers, with the seconds each took
+to train. Either scores
 existing checkpoints, or (--train) trains both first with the params file's settings:
 
     .venv/bin/python bench/bench_localisation.py --dataset data/prepared/dataset.h5 --train
@@ -26,7 +27,7 @@ def score(path: Path, method: str, dataset: Path, classes: list[str]) -> dict:
     model, ckpt = load_model(path, arch=method)
     with DatasetFile(dataset) as ds:
         return train.classifier_metrics(model, ds, ds.indices("test"), InputParams(**ckpt["input"]), classes,
-                                        method, int(ckpt["heatmap_size"]))
+                                        method, int(ckpt["heatmap_size"]), thresholds=ckpt["map_thresholds"])
 
 
 def main() -> None:

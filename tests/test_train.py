@@ -101,6 +101,8 @@ def test_classifier_stage_is_reproducible_and_writes_outputs(tiny, tmp_path, mak
     for split in ("val", "test"):
         assert {"auroc", "ap", "per_class", "point_acc", "map_dice"} <= set(saved[split])
     assert saved["val"]["auroc"] == pytest.approx(a["val"]["auroc"])
+    val_t = saved["val"]["per_class"]["any"]["map_threshold"]  # calibrated on val, applied to test
+    assert val_t in train.MAP_THRESHOLDS and saved["test"]["per_class"]["any"]["map_threshold"] == val_t
     assert (tmp_path / "live" / "metrics.json").is_file()
     assert not (tmp_path / ".a.resume.pt").exists()  # the resume state goes once training finished
     model, ckpt = load_model(tmp_path / "a.pt", arch="heatmap")

@@ -47,6 +47,7 @@ from weak2full.runtime import choose_device, seed_everything, set_threads
 __all__ = [
     "fit",
     "classifier_metrics",
+    "MAP_THRESHOLDS",
     "segmenter_metrics",
     "selection_rows",
     "run_classifier",
@@ -205,6 +206,10 @@ def _nanmean(values) -> float:
     return float(np.mean(values)) if values else float("nan")
 
 
+# Map thresholds (on the normalised map) among which classifier_metrics calibrates map_dice.
+MAP_THRESHOLDS = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99)
+
+
 def classifier_metrics(
     model: torch.nn.Module,
     ds: DatasetFile,
@@ -215,14 +220,18 @@ def classifier_metrics(
     heatmap_size: int,
     batch_size: int = 32,
     device="cpu",
-    threshold: float = 0.5,
+    thresholds: dict[str, float] | None = None,
 ) -> dict:
     """Image-level and localisation metrics of a classifier on dataset rows ``idx`` (one split).
 
     ``auroc``/``ap`` (macro over classes, and ``per_class``) on all rows; ``point_acc`` (argmax of the
-    map inside the true mask) and ``map_dice`` (normalised map >= ``threshold`` vs the mask; upsampled to
-    the image size) on annotated rows whose mask holds the class, macro over the classes the masks can
-    score. Masks are read through ``annotated_masks`` only.
+    map inside the true mask) and ``map_dice`` (normalised map >= a threshold vs the mask, at image
+    size) on annotated rows whose mask holds the class, macro over the classes the masks can score.
+    ``thresholds`` maps a class to its map threshold; None calibrates it here, the best of
+    :data:`MAP_THRESHOLDS` (``per_class[cls]["map_threshold"]``): do that on val, then score test at the
+    val thresholds. Calibrating is needed because balanced sampling shifts a classifier's logits (a 50%
+    positive batch is not the data's 11%), and gap_cam's max-normalised map has no natural threshold.
+    Masks are read through ``annotated_masks`` only.
     """
     idx = np.asarray(idx, dtype=np.int64)
     cam, prob = predict_cams(model, ds, idx, input_params, heatmap_size, batch_size, device)
@@ -235,8 +244,10 @@ def classifier_metrics(
         maps = torch.nn.functional.interpolate(torch.from_numpy(maps), size=(ds.height, ds.width),
                                                mode="bilinear", align_corners=False).numpy()
     for k, cls in enumerate(classes):
+        grid = MAP_THRESHOLDS if thresholds is None else (thresholds[cls],)
         auroc, ap = _auroc_ap(labels[:, k], prob[:, k])
-        entry = {"auroc": auroc, "ap": ap, "point_acc": float("nan"), "map_dice": float("nan"), "n_pos": 0}
+        entry = {"auroc": auroc, "ap": ap, "point_acc": float("nan"), "map_dice": float("nan"),
+                 "map_threshold": float("nan"), "n_pos": 0}
         scorable = masks is not None and (cls == "any" or cls in ds.mask_classes)
         if scorable:
             hits, dices = [], []
@@ -245,9 +256,12 @@ def classifier_metrics(
                 if not truth.any():
                     continue
                 hits.append(float(truth.flat[int(np.argmax(m))]))
-                dices.append(_dice(m >= threshold, truth))
+                dices.append([_dice(m >= t, truth) for t in grid])
             if hits:
-                entry.update(point_acc=float(np.mean(hits)), map_dice=float(np.mean(dices)), n_pos=len(hits))
+                grid_dice = np.mean(dices, axis=0)
+                best = int(np.argmax(grid_dice)) if thresholds is None else 0
+                entry.update(point_acc=float(np.mean(hits)), map_dice=float(grid_dice[best]),
+                             map_threshold=float(grid[best]), n_pos=len(hits))
         per_class[cls] = entry
     return {
         "auroc": _nanmean(e["auroc"] for e in per_class.values()),
@@ -347,11 +361,14 @@ def _train_classifier(params: Params, arch: str, dataset: str | Path, out_model:
                   seed=params.common.seed, device=device, live_dir=live_dir,
                   state_path=_state_path(out_model), desc=arch)
     model.load_state_dict(best)
-    with DatasetFile(dataset) as ds:
-        result = {split: classifier_metrics(model, ds, rows, ip, classes, arch, heatmap_size, eval_bs, device)
-                  for split, rows in (("val", val_idx), ("test", test_idx))}
+    with DatasetFile(dataset) as ds:  # map thresholds calibrated on val, applied to test
+        val = classifier_metrics(model, ds, val_idx, ip, classes, arch, heatmap_size, eval_bs, device)
+        thresholds = {c: e["map_threshold"] for c, e in val["per_class"].items()}
+        test = classifier_metrics(model, ds, test_idx, ip, classes, arch, heatmap_size, eval_bs, device,
+                                  thresholds=thresholds)
+    result = {"val": val, "test": test}
     save_checkpoint(out_model, model, arch, config, classes, input=ip.model_dump(mode="json"),
-                    heatmap_size=heatmap_size, selected_by=section.select_by)
+                    heatmap_size=heatmap_size, selected_by=section.select_by, map_thresholds=thresholds)
     _write_json(out_metrics, result)
     return result
 
