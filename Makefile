@@ -3,7 +3,9 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.weak2full-installed
-PARAMS ?=
+# Stages and tests import this checkout's src/, whatever checkout the shared virtualenv was installed from
+# (relative on purpose: DVC experiments run in their own temporary copies).
+export PYTHONPATH := src
 
 .PHONY: run test test-fast bench repro results push clean-outputs
 
@@ -19,7 +21,7 @@ $(STAMP): pyproject.toml
 run: $(STAMP)
 	@git rev-parse --is-inside-work-tree >/dev/null 2>&1 || (git init -q && git add -A && git -c user.name=weak2full -c user.email=weak2full@localhost commit -qm "initial checkout")
 	@test -d .dvc || $(VENV)/bin/dvc init -q
-	PATH="$(abspath $(VENV))/bin:$$PATH" PYTHONPATH=src dvc repro
+	PATH="$(abspath $(VENV))/bin:$$PATH" dvc repro
 	@$(PY) -m weak2full results
 
 test: $(STAMP)

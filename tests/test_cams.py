@@ -25,7 +25,7 @@ def checkpoint(path, arch, make_params, heatmap_size=32):
     return path
 
 
-@pytest.mark.parametrize("method, norm, stride", [("heatmap", "sigmoid", 2), ("gap_cam", "max", 32)])
+@pytest.mark.parametrize("method, norm, stride", [("heatmap", "relative", 2), ("gap_cam", "max", 32)])
 def test_cams_file_follows_the_contract(tmp_path, make_params, method, norm, stride):
     ds = tiny_dataset(tmp_path / "dataset.h5")
     ckpt = checkpoint(tmp_path / "m.pt", method, make_params, heatmap_size=16)

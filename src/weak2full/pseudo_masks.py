@@ -44,7 +44,7 @@ __all__ = [
 ]
 
 IGNORE = 255
-NORMALISATIONS = ("sigmoid", "max")
+NORMALISATIONS = ("relative", "sigmoid", "max")
 
 
 # ------------------------------------------------------------------------------------------ one slice
