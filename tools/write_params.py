@@ -40,7 +40,7 @@ MRI = {
 }
 
 # Real head CT (PhysioNet CT-ICH layout under data/ct-ich): 256x256 input with the stride-2 128x128
-# heatmap, longer schedules. Expected cost: docs/PRESETS.md.
+# heatmap, longer schedules. Expected cost: docs/PRESETS.md (extrapolated).
 CT = {
     "data": {"source": "ct-ich", "path": "data/ct-ich", "image_size": 256},
     "train_classifier": {"heatmap_size": 128, "epochs": 30},
