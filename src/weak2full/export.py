@@ -238,15 +238,7 @@ def load_pseudo_labels(folder: str | Path) -> PseudoLabels:
     if missing:
         raise InvalidInputError(f"{card_path}: the card lacks the fields {missing}.")
     h5_path = folder / "pseudo_labels.h5"
-    if not h5_path.is_file():
-        raise InvalidInputError(f"{h5_path}: file does not exist.")
-    try:
-        f = h5py.File(h5_path, "r")
-    except OSError as exc:
-        raise InvalidInputError(f"{h5_path}: not a readable HDF5 file ({exc}).") from None
-    with f:
-        if f.attrs.get("kind") != "pseudo_labels":
-            raise InvalidInputError(f"{h5_path}: not a pseudo_labels file.")
+    with open_checked(h5_path, "pseudo_labels") as f:
         arrays = {k: f[k][:] for k in ("mask", "label", "patient", "slice", "split")}
     if arrays["mask"].shape[0] != card["n_slices"]:
         raise InvalidInputError(

@@ -46,6 +46,7 @@ _REQUIRED = {
     "dataset": ("image", "patient", "slice", "label", "mask", "has_mask", "split"),
     "cams": ("cam", "prob"),
     "pseudo_masks": ("mask", "fg_fraction", "ignore_fraction"),
+    "pseudo_labels": ("mask", "label", "patient", "slice", "split"),  # export's shippable file
 }
 
 
