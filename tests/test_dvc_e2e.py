@@ -90,7 +90,23 @@ def test_experiment_reruns_only_what_reads_the_param(repo):
     shown = sh("dvc", "exp", "show", "--json", cwd=repo)
     names = json.dumps(json.loads(shown[shown.index("["):]))
     assert "compat7" in names and "workspace" in names
-    # Back to the committed state for the other tests.
+    _reset(repo)
+
+
+def test_queued_sweep_runs_in_temporary_copies_without_retraining(repo):
+    # Queued runs see only tracked files; cached outputs (models, dvclive logs) are restored, not rebuilt.
+    sh("dvc", "exp", "run", "--queue", "-S", "pseudo_masks.bg=0.05,0.3", cwd=repo)
+    out = sh("dvc", "exp", "run", "--run-all", cwd=repo)
+    ran = ran_stages(out)
+    assert "pseudo_masks" in ran, out
+    assert ran <= {"pseudo_masks", "train_segmenter", "evaluate", "export"}, ran
+    table = sh("dvc", "exp", "show", "--csv", cwd=repo)
+    assert "pseudo_masks.bg" in table and "dice_pos" in table
+    _reset(repo)
+
+
+def _reset(repo: Path) -> None:
+    """Back to the committed state for the other tests."""
     sh("git", "checkout", "--", ".", cwd=repo)
     sh("dvc", "checkout", "-q", cwd=repo)
 
