@@ -34,6 +34,7 @@ from weak2full.cams import NORMALISATION, normalise_cam, predict_cams
 from weak2full.data import BalancedBatchSampler, SliceDataset
 from weak2full.errors import InvalidInputError
 from weak2full.h5 import DatasetFile, atomic_output, truth_mask
+from weak2full.metrics import dice_per_slice
 from weak2full.models import (
     create_model,
     model_config,
@@ -196,11 +197,6 @@ def _auroc_ap(y: np.ndarray, score: np.ndarray) -> tuple[float, float]:
     return float(roc_auc_score(y, score)), float(average_precision_score(y, score))
 
 
-def _dice(pred: np.ndarray, truth: np.ndarray) -> float:
-    denom = pred.sum() + truth.sum()
-    return 1.0 if denom == 0 else float(2.0 * np.logical_and(pred, truth).sum() / denom)
-
-
 def _nanmean(values) -> float:
     values = [v for v in values if not math.isnan(v)]
     return float(np.mean(values)) if values else float("nan")
@@ -250,18 +246,16 @@ def classifier_metrics(
                  "map_threshold": float("nan"), "n_pos": 0}
         scorable = masks is not None and (cls == "any" or cls in ds.mask_classes)
         if scorable:
-            hits, dices = [], []
-            for m, mask in zip(maps[:, k], masks):
-                truth = truth_mask(mask, ds.mask_classes, cls)
-                if not truth.any():
-                    continue
-                hits.append(float(truth.flat[int(np.argmax(m))]))
-                dices.append([_dice(m >= t, truth) for t in grid])
-            if hits:
-                grid_dice = np.mean(dices, axis=0)
+            truth = truth_mask(masks, ds.mask_classes, cls)
+            pos = truth.any(axis=(1, 2))
+            if pos.any():
+                truth, m = truth[pos], maps[pos, k]
+                peak = m.reshape(len(m), -1).argmax(axis=1)
+                hits = truth.reshape(len(truth), -1)[np.arange(len(truth)), peak]
+                grid_dice = np.array([dice_per_slice(m >= t, truth).mean() for t in grid])
                 best = int(np.argmax(grid_dice)) if thresholds is None else 0
-                entry.update(point_acc=float(np.mean(hits)), map_dice=float(grid_dice[best]),
-                             map_threshold=float(grid[best]), n_pos=len(hits))
+                entry.update(point_acc=float(hits.mean()), map_dice=float(grid_dice[best]),
+                             map_threshold=float(grid[best]), n_pos=int(pos.sum()))
         per_class[cls] = entry
     return {
         "auroc": _nanmean(e["auroc"] for e in per_class.values()),
@@ -284,12 +278,10 @@ def segmenter_metrics(model, ds: DatasetFile, idx: np.ndarray, input_params, cla
     for k, cls in enumerate(classes):
         if cls != "any" and cls not in ds.mask_classes:
             continue
-        d, f = [], []
-        for pr, mask in zip(prob[:, k], masks):
-            truth, pred = truth_mask(mask, ds.mask_classes, cls), pr >= threshold
-            (d if truth.any() else f).append(_dice(pred, truth) if truth.any() else float(pred.any()))
-        dice_pos.append(float(np.mean(d)) if d else float("nan"))
-        fp.append(float(np.mean(f)) if f else float("nan"))
+        truth, pred = truth_mask(masks, ds.mask_classes, cls), prob[:, k] >= threshold
+        pos = truth.any(axis=(1, 2))
+        dice_pos.append(float(dice_per_slice(pred[pos], truth[pos]).mean()) if pos.any() else float("nan"))
+        fp.append(float(pred[~pos].any(axis=(1, 2)).mean()) if (~pos).any() else float("nan"))
     return {"dice_pos": _nanmean(dice_pos), "fp_slice_rate": _nanmean(fp)}
 
 
