@@ -74,14 +74,11 @@ def _threshold_on_val(prob_any_val: np.ndarray, truth_any_val: np.ndarray, grid:
 
 
 def _segmenter_probs(path: Path, ds: DatasetFile, idx: np.ndarray, params: Params):
-    """(n, K, H, W) probabilities of a trained segmenter, or None when its stage was switched off."""
+    """(n, K, H, W) probabilities of a trained segmenter on dataset rows ``idx``."""
     from weak2full.models import load_model
     from weak2full.models.segmenter import predict_masks
     from weak2full.runtime import choose_device
 
-    ckpt = torch.load(path, map_location="cpu", weights_only=True) if Path(path).is_file() else None
-    if ckpt is not None and ckpt.get("arch") == "disabled":
-        return None
     device = choose_device(params.common.device)
     model, ckpt = load_model(path, arch="segmenter", device=str(device))
     if list(ckpt["classes"]) != list(params.common.classes):
@@ -171,10 +168,10 @@ def run(
 
         # -- the segmenter and the ceiling, from pixels only
         seg_pred = None
-        for method, path in (("segmenter", segmenter), ("oracle", oracle)):
+        # train_oracle.enabled false: its stage wrote a marker checkpoint, and the row is left out.
+        networks = [("segmenter", segmenter)] + ([("oracle", oracle)] if params.train_oracle.enabled else [])
+        for method, path in networks:
             prob = _segmenter_probs(Path(path), ds, test, params)
-            if prob is None:
-                continue
             table[method] = score(labels_from_probs(prob, p.threshold))
             table[method]["threshold"] = p.threshold
             probs_any[method] = prob.max(1)
