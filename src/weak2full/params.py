@@ -357,7 +357,7 @@ class PretrainNetParams(TrainParams):
     """Schedule of one network's synthetic pretraining (the one training loop), strong augmentation:
     the affine draws head size and pose, the intensity terms scanner offset and noise."""
 
-    epochs: int = Field(3, ge=1)
+    epochs: int = Field(5, ge=1)
     steps_per_epoch: Optional[int] = Field(60, ge=1)
     lr: float = Field(2e-3, gt=0.0)
     augment: AugmentParams = AugmentParams(affine=0.9, rotate_deg=25.0, scale=0.25, shift=0.1,
