@@ -399,7 +399,7 @@ class PretrainParams(_Section):
     contrast: tuple[float, float] = (0.8, 1.25)  # per-sample HU contrast scale about the first window's level
     dice_weight: float = Field(1.0, ge=0.0)  # segmentation term: BCE + dice_weight x Dice
     cls_weight: float = Field(0.5, ge=0.0)  # image-level BCE (heatmap: pooled logit; segmenter: its head)
-    fp_weight: float = Field(1.0, ge=0.0)  # softplus(largest pixel logit) on negative slices
+    fp_weight: float = Field(1.0, ge=0.0)  # hinge on a negative slice's largest pixel logit (gated)
     classifier: PretrainNetParams = PretrainNetParams()
     segmenter: PretrainNetParams = PretrainNetParams()
 

@@ -11,8 +11,10 @@ supervision
   deepest feature,
 
 each on one loss (:func:`pretrain_loss`): per-pixel BCE + Dice against the true mask at the map's size,
-image-level BCE, and a false-positive term, softplus of the largest pixel logit of a negative slice. The
-last is there because transfer without it fires on most negative slices (DESIGN.md). Every sample gets
+image-level BCE, and a false-positive term, a hinge on the largest pixel logit of a negative slice, gated
+by the batch's own Dice. The last is there because transfer without it fires on most negative slices
+(DESIGN.md); the gate because at full weight from the first step it stops segmentation from starting at
+all. Every sample gets
 strong augmentation (flip and affine: head size and pose; HU offset, noise, and a contrast scale about the
 first window's level). Inputs are built as the chain builds them (``data.intensity``, then ``input``), so
 the weights fit the networks that load them.
@@ -52,6 +54,7 @@ from weak2full.train import fit
 __all__ = ["run", "needed", "make_pretraining_set", "pretrain_loss", "RandomisedSliceDataset", "NETWORKS"]
 
 NETWORKS = ("classifier", "segmenter")
+FP_MARGIN = 0.0  # the false-positive hinge acts while a negative slice would fire (a logit above 0)
 DISABLED = "pretraining is off (pretrain.enabled is false)"
 UNUSED = {
     "classifier": "no stage starts from it (train_classifier.encoder_weights is not 'synthetic')",
@@ -138,8 +141,9 @@ def pretrain_loss(maps: torch.Tensor, image_logits: torch.Tensor, target: torch.
 
     ``maps`` (B, K, h, w) pixel logits, ``image_logits`` (B, K), ``target`` uint8 (B, K, H, W) true masks
     (max-pooled to h x w when the map is coarser). BCE + ``dice_weight`` x Dice on the map, plus
-    ``cls_weight`` x BCE of the image logits, plus ``fp_weight`` x softplus(largest pixel logit) averaged
-    over the (slice, class) pairs without that class: every pixel of a negative slice pushed below 0.5.
+    ``cls_weight`` x BCE of the image logits, plus the false-positive term: ``fp_weight`` x the hinge
+    max(0, largest pixel logit) averaged over the (slice, class) pairs without that class (a negative slice
+    that fires is pushed until it would not), times a gate, the batch's soft Dice on its bleeds.
     """
     t = target.float()
     if t.shape[-2:] != maps.shape[-2:]:
@@ -150,8 +154,14 @@ def pretrain_loss(maps: torch.Tensor, image_logits: torch.Tensor, target: torch.
         loss = loss + cls_weight * F.binary_cross_entropy_with_logits(image_logits.float(), present)
     if fp_weight > 0:
         absent = 1.0 - present
-        peak = F.softplus(maps.float().amax(dim=(2, 3)))
-        loss = loss + fp_weight * (peak * absent).sum() / absent.sum().clamp_min(1.0)
+        peak = F.relu(maps.float().amax(dim=(2, 3)) + FP_MARGIN)
+        # The gate (no gradient through it) holds the term back until the network segments: at full weight
+        # from the start it pushes down the brightest structures, the bleeds' look-alikes, before the
+        # network can tell them apart, and segmentation never starts (docs/PRETRAIN.md).
+        with torch.no_grad():
+            p = torch.sigmoid(maps.float()) * present[:, :, None, None]
+            gate = (2 * (p * t).sum() / (p.sum() + t.sum()).clamp_min(1.0)).clamp(0.0, 1.0)
+        loss = loss + fp_weight * gate * (peak * absent).sum() / absent.sum().clamp_min(1.0)
     return loss
 
 
@@ -238,9 +248,9 @@ def _pretrain_one(params: Params, network: str, dataset: Path, out: Path, device
         return metrics
 
     start, cpu = time.perf_counter(), time.process_time()
-    best, selected = fit(model, train_set, loss_fn, validate, section, select_key="neg_val_loss", seed=pp.seed,
-                         device=device, live_dir=None, state_path=out.with_name(f".{out.stem}.resume.pt"),
-                         desc=f"pretrain {network}")
+    best, selected = fit(model, train_set, loss_fn, validate, section, select_key="neg_val_loss",
+                         seed=pp.seed, device=device, live_dir=None,
+                         state_path=out.with_name(f".{out.stem}.resume.pt"), desc=f"pretrain {network}")
     seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
     model.load_state_dict(best)
     state = {k: v.detach().cpu() for k, v in encoder.state_dict().items()}
