@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from weak2full.data import build_channels, source_stack
+from weak2full.brain import intracranial_mask, restrict_to_brain
+from weak2full.data import build_channels, current_plane, source_stack
 from weak2full.errors import InvalidInputError
 from weak2full.h5 import SCHEMA_VERSION, DatasetFile, atomic_output
 from weak2full.params import InputParams
@@ -68,7 +69,9 @@ def predict_cams(
     """Raw maps float32 (n, K, S, S), S = ``heatmap_size``, and probabilities float32 (n, K) of rows ``idx``.
 
     Works for both classifiers: the heatmap network's map is already S x S; gap_cam's stride-32 CAM is
-    upsampled bilinearly to S. Only images are read from ``dataset_file``.
+    upsampled bilinearly to S. With ``input_params.brain_mask`` the maps outside the intracranial region
+    are set to their background level (:func:`weak2full.brain.restrict_to_brain`). Only images are read
+    from ``dataset_file``.
     """
     model.eval().to(device)
     idx = np.asarray(idx, dtype=np.int64)
@@ -81,7 +84,10 @@ def predict_cams(
         cam = out["map"].float()
         if cam.shape[-1] != heatmap_size:
             cam = F.interpolate(cam, size=(heatmap_size, heatmap_size), mode="bilinear", align_corners=False)
-        cams.append(cam.cpu().numpy())
+        cam = cam.cpu().numpy()
+        if input_params.brain_mask:
+            cam = restrict_to_brain(cam, intracranial_mask(current_plane(planes, input_params.mode)))
+        cams.append(cam)
         probs.append(torch.sigmoid(out["logits"].float()).cpu().numpy())
     if not cams:
         return np.zeros((0, 0, heatmap_size, heatmap_size), np.float32), np.zeros((0, 0), np.float32)

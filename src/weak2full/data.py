@@ -31,6 +31,7 @@ __all__ = [
     "window",
     "build_channels",
     "neighbours",
+    "current_plane",
     "mask_targets",
     "make_augmentation",
     "SliceDataset",
@@ -78,6 +79,11 @@ def source_stack(images: np.ndarray, idx: np.ndarray, patient: np.ndarray, mode:
         rows = [prev, idx, nxt]
     planes = [_read_rows(images, r) for r in rows]
     return np.stack(planes, axis=1).astype(np.float32)
+
+
+def current_plane(hu_planes: np.ndarray, mode: str) -> np.ndarray:
+    """The slice itself (n, H, W) among the planes of :func:`source_stack` (``slices``: the middle one)."""
+    return hu_planes[:, 0] if mode == "windows" else hu_planes[:, hu_planes.shape[1] // 2]
 
 
 def build_channels(hu_planes: np.ndarray, input_params: InputParams) -> np.ndarray:

@@ -165,6 +165,10 @@ class InputParams(_Section):
     mode: Literal["windows", "slices"] = "windows"
     windows: list[Window] = Field(default_factory=lambda: [(40.0, 80.0), (80.0, 200.0), (600.0, 2800.0)])
     slice_window: Window = (25.0, 130.0)
+    # CT: maps and segmenter masks are kept to the intracranial region found from HU alone
+    # (weak2full.brain), so a peak on a skull fracture, a shortcut of real CT, cannot become a label.
+    # Needs HU data (data.intensity: hu).
+    brain_mask: bool = True
 
     @field_validator("windows")
     @classmethod
@@ -394,6 +398,15 @@ class Params(_Section):
     evaluate: EvaluateParams = EvaluateParams()
     export: ExportParams = ExportParams()
 
+    @model_validator(mode="after")
+    def _brain_mask_needs_hu(self):
+        if self.input.brain_mask and self.data.intensity != "hu":
+            raise ValueError(
+                "input.brain_mask finds the skull by its Hounsfield units, but data.intensity is "
+                f"'{self.data.intensity}' (not CT): set input.brain_mask to false"
+            )
+        return self
+
 
 def _describe(err: dict[str, Any], owner: Path) -> str:
     key = ".".join(str(p) for p in err["loc"])
@@ -405,7 +418,9 @@ def _describe(err: dict[str, Any], owner: Path) -> str:
     msg = err["msg"]
     if msg.startswith("Value error, "):
         msg = msg[len("Value error, ") :]
-    where = f"The '{key}' parameter" if key else "params"
+    if not key:  # a rule across sections: the message names the keys
+        return f"{owner}: {msg}."
+    where = f"The '{key}' parameter"
     return f"{where} in {owner}: {msg}. Got {got!r} instead."
 
 
