@@ -19,7 +19,7 @@ import multiprocessing
 import os
 import sys
 from concurrent.futures import ProcessPoolExecutor
-from contextlib import ExitStack
+from contextlib import ExitStack, suppress
 from functools import partial
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
@@ -195,6 +195,20 @@ def _crf_fg_task(settings: tuple, item: tuple) -> np.ndarray:
     return _crf_labels(maps, image, crf) > 0
 
 
+def _exit_with_parent(parent: int) -> None:
+    """Pool initializer: on Linux a worker is killed when the stage process dies (SIGKILL included);
+    otherwise workers of a killed stage wait forever on their task queue."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    with suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # the stage died before prctl took effect
+        os._exit(1)
+
+
 class _Pool:
     """``map`` in order, over a process pool (workers > 1) or inline; the results do not depend on which."""
 
@@ -207,7 +221,8 @@ class _Pool:
             # build the pool before opening any HDF5 file: children then inherit no open handle.
             # Elsewhere: spawn.
             method = "fork" if sys.platform.startswith("linux") else "spawn"
-            self._ex = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(method))
+            self._ex = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(method),
+                                           initializer=_exit_with_parent, initargs=(os.getpid(),))
             self._ex.submit(int).result()
 
     def map(self, fn: Callable, items: Sequence) -> Iterator:

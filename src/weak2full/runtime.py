@@ -1,4 +1,4 @@
-"""Where and how training runs: device choice, seeding, CPU threads."""
+"""Where and how training runs: device choice, seeding and random states, CPU threads."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import random
 import numpy as np
 import torch
 
-__all__ = ["choose_device", "seed_everything", "set_threads"]
+__all__ = ["choose_device", "seed_everything", "rng_state", "set_rng_state", "set_threads"]
 
 
 def choose_device(setting: str = "auto") -> torch.device:
@@ -29,6 +29,33 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+def rng_state() -> dict:
+    """Every global random state (Python, NumPy, torch CPU and CUDA) as tensors and plain values, so
+    that a resume checkpoint holding it still loads with ``torch.load(weights_only=True)``."""
+    _, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "gauss": float(gauss)},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    """Restore what :func:`rng_state` captured (a resumed run then draws what the uninterrupted one drew)."""
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    n = state["numpy"]
+    keys = n["keys"].numpy().astype(np.uint32)
+    np.random.set_state(("MT19937", keys, n["pos"], n["has_gauss"], n["gauss"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def set_threads(n: int | None = None) -> int:

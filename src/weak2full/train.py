@@ -43,7 +43,7 @@ from weak2full.models import (
     save_disabled,
 )
 from weak2full.params import Params, TrainParams
-from weak2full.runtime import choose_device, seed_everything, set_threads
+from weak2full.runtime import choose_device, rng_state, seed_everything, set_rng_state, set_threads
 
 __all__ = [
     "fit",
@@ -89,10 +89,12 @@ def fit(
 
     ``loss_fn(model_output, target)`` gives the scalar loss; ``validate(model)`` returns a flat dict of
     floats holding ``select_key`` (higher is better), run after every epoch. ``state_path`` keeps the
-    last epoch's full state (model, optimiser, schedule, best so far) so that a rerun with the same
-    params resumes (``p.resume``); it is removed once training finishes. ``live_dir``: dvclive folder.
+    last epoch's full state (model, optimiser, schedule, best so far, random states) so that a rerun with
+    the same params and data resumes (``p.resume``); the caller removes it once its outputs are written,
+    so a kill between the last epoch and the final checkpoint resumes too. ``live_dir``: dvclive folder.
     """
     cuda = device.type == "cuda"
+    _check_positives(train_set)
     steps = p.steps_per_epoch or max(1, math.ceil(len(train_set) / p.batch_size))
     total = steps * p.epochs
     sampler = BalancedBatchSampler(train_set.positive, p.batch_size, steps, p.positive_fraction, seed)
@@ -107,17 +109,18 @@ def fit(
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(total, int(round(p.warmup_epochs * steps))))
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if (cuda and p.amp) else contextlib.nullcontext()
 
-    fingerprint = _fingerprint(p, seed, len(train_set), model)
+    fingerprint = _fingerprint(p, seed, len(train_set), model, train_set)
     start_epoch, best_score, best_state, best_metrics = 0, -math.inf, None, {}
     state_path = Path(state_path) if state_path is not None else None
     if p.resume and state_path is not None and state_path.is_file():
-        state = torch.load(state_path, map_location="cpu", weights_only=True)
-        if state.get("fingerprint") == fingerprint:
+        state = _resume_state(state_path, fingerprint, desc)
+        if state is not None:
             model.load_state_dict(state["model"])
             opt.load_state_dict(state["optimizer"])
             sched.load_state_dict(state["scheduler"])
             start_epoch, best_score = state["epoch"] + 1, state["best_score"]
             best_state, best_metrics = state["best_state"], state["best_metrics"]
+            set_rng_state(state["rng"])  # the sampler draws from (seed, epoch): nothing else to restore
             tqdm.write(f"{desc}: resuming after epoch {start_epoch} from {state_path}")
 
     live = _live(live_dir, resume=start_epoch > 0)
@@ -160,22 +163,57 @@ def fit(
                     torch.save({"fingerprint": fingerprint, "epoch": epoch, "model": model.state_dict(),
                                 "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                                 "best_score": best_score, "best_state": best_state,
-                                "best_metrics": best_metrics}, tmp)
+                                "best_metrics": best_metrics, "rng": rng_state()}, tmp)
         if live is not None:
             for k, v in best_metrics.items():
                 live.summary[f"best/{k}"] = float(v)
     finally:
         if live is not None:
             live.end()
-    if state_path is not None:
-        state_path.unlink(missing_ok=True)
     return best_state, best_metrics
 
 
-def _fingerprint(p: TrainParams, seed: int, n: int, model: torch.nn.Module) -> str:
+def _check_positives(train_set: SliceDataset) -> None:
+    """Refuse a train split where a class has no positive slice: nothing to learn it from."""
+    missing = [c for k, c in enumerate(train_set.classes) if not train_set.labels[:, k].any()]
+    if missing:
+        raise InvalidInputError(
+            f"{train_set.dataset_path}: no positive slice for classes {missing} among the "
+            f"{len(train_set)} train slices; a network cannot learn them (drop them from common.classes)."
+        )
+
+
+def _resume_state(path: Path, fingerprint: str, desc: str) -> dict | None:
+    """The resume state at ``path`` when it belongs to this run (same params, data and network), else None."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - a foreign or damaged file: start over, say why
+        tqdm.write(f"{desc}: not resuming: {path} is unreadable ({str(exc)[:200]}); starting over")
+        return None
+    if not isinstance(state, dict) or state.get("fingerprint") != fingerprint or "rng" not in state:
+        tqdm.write(f"{desc}: not resuming: {path} was made with other params, data or network; starting over")
+        return None
+    return state
+
+
+def _fingerprint(p: TrainParams, seed: int, n: int, model: torch.nn.Module, train_set=None) -> str:
     shapes = [list(v.shape) for v in model.state_dict().values()]
-    blob = json.dumps([p.model_dump(mode="json"), seed, n, shapes], sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()
+    blob = [p.model_dump(mode="json"), seed, n, shapes]
+    if train_set is not None:  # the same params on other data (a re-run prepare) must not resume
+        blob += [train_set.input_params.model_dump(mode="json"), train_set.classes, train_set.targets,
+                 hashlib.sha256(train_set.indices.tobytes()).hexdigest(),
+                 _file_digest(train_set.dataset_path), _file_digest(train_set.pseudo_path)]
+    return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()
+
+
+def _file_digest(path: Path | None) -> str | None:
+    if path is None:
+        return None
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def _live(live_dir, resume: bool):
@@ -357,6 +395,7 @@ def _train_classifier(params: Params, arch: str, dataset: str | Path, out_model:
     save_checkpoint(out_model, model, arch, config, classes, input=ip.model_dump(mode="json"),
                     heatmap_size=heatmap_size, selected_by=section.select_by, map_thresholds=thresholds)
     write_json(out_metrics, result)
+    _state_path(out_model).unlink(missing_ok=True)  # only now: the outputs are whole
     return result
 
 
@@ -399,6 +438,7 @@ def _train_segmenter(
     model.load_state_dict(best)
     save_checkpoint(out_model, model, "segmenter", config, classes, input=ip.model_dump(mode="json"),
                     val=metrics)
+    _state_path(out_model).unlink(missing_ok=True)  # only now: the output is whole
     return metrics
 
 
