@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from weak2full import distributed
 from weak2full.data import build_channels, source_stack
 from weak2full.errors import InvalidInputError
 from weak2full.h5 import SCHEMA_VERSION, DatasetFile, atomic_output
@@ -95,14 +96,16 @@ def run(
 
     ``method`` (``heatmap`` or ``gap_cam``; None: whatever the checkpoint holds) must match the
     checkpoint's architecture. Writes ``cam`` float16 (N, K, S, S) chunked per slice and ``prob``
-    float32 (N, K), streaming ``cams.chunk_size`` slices at a time.
+    float32 (N, K), streaming ``cams.chunk_size`` slices at a time. Under torchrun each rank computes
+    a chunk-aligned share of the slices, and rank 0 merges the shares into the same bytes.
     """
     from weak2full.models import load_model
     from weak2full.runtime import choose_device
 
     if method is not None and method not in NORMALISATION:
         raise InvalidInputError(f"--method must be one of {sorted(NORMALISATION)}, got {method!r}.")
-    device = choose_device(params.common.device)
+    # Under torchrun the ranks only exchange barriers (gloo), whatever device computes the maps.
+    device = distributed.init(choose_device(params.common.device), backend="gloo")
     model, ckpt = load_model(model_path, arch=method, device=str(device))
     method = ckpt["arch"]
     if method not in NORMALISATION:
@@ -119,26 +122,62 @@ def run(
     # The map side the classifier was trained and selected at (gap_cam's CAM is upsampled to it).
     size = int(ckpt["heatmap_size"])
     out = Path(out)
-    with (
-        DatasetFile(dataset_path) as ds,
-        atomic_output(out) as tmp,
-        h5py.File(tmp, "w", track_order=True) as f,
-    ):
+    attrs = {"kind": "cams", "schema_version": SCHEMA_VERSION, "classes": json.dumps(classes),
+             "method": method, "heatmap_size": size, "stride": int(model.stride),
+             "normalisation": NORMALISATION[method]}
+    chunk = params.cams.chunk_size
+    with DatasetFile(dataset_path) as ds:
         n, k = ds.n, len(classes)
-        shape = (n, k, size, size)
+
+        def predicted(start: int, stop: int):
+            """(start, cam float16, prob) per chunk of rows [start, stop), chunks aligned to 0."""
+            for a in tqdm(range(start, stop, chunk), desc=f"cams ({method})", unit="chunk",
+                          disable=not distributed.is_main()):
+                rows = np.arange(a, min(stop, a + chunk))
+                c, p = predict_cams(model, ds, rows, input_params, size, params.cams.batch_size, device)
+                yield a, np.clip(c, -65000, 65000).astype(np.float16), p
+
+        if distributed.world() == 1:
+            _write(out, (n, k, size, size), predicted(0, n), attrs)
+            return out
+        # Under torchrun: each rank writes its share to a part file; rank 0 merges them in row order.
+        start, stop = distributed.shard(n, chunk)
+        if stop > start:
+            blocks = ((a - start, c, p) for a, c, p in predicted(start, stop))
+            _write(distributed.part_path(out), (stop - start, k, size, size), blocks, {})
+    distributed.barrier()
+    if distributed.is_main():
+        try:
+            _write(out, (n, k, size, size), _from_parts(out, n, chunk), attrs)
+        finally:
+            for r in range(distributed.world()):
+                distributed.part_path(out, r).unlink(missing_ok=True)
+    distributed.barrier()
+    return out
+
+
+def _write(out: Path, shape: tuple, blocks, attrs: dict) -> None:
+    """cams.h5 ``out`` from ``(first row, cam float16, prob)`` blocks, written atomically in that order.
+
+    One process and a torchrun merge make the same calls in the same order, hence the same bytes.
+    """
+    n, k, size, _ = shape
+    with atomic_output(out) as tmp, h5py.File(tmp, "w", track_order=True) as f:
         cam = f.create_dataset("cam", shape, np.float16, chunks=(1, k, size, size), track_times=False)
         prob = f.create_dataset("prob", (n, k), np.float32, track_times=False)
-        chunk = params.cams.chunk_size
-        for start in tqdm(range(0, n, chunk), desc=f"cams ({method})", unit="chunk"):
-            rows = np.arange(start, min(n, start + chunk))
-            c, p = predict_cams(model, ds, rows, input_params, size, params.cams.batch_size, device)
-            cam[start : start + len(rows)] = np.clip(c, -65000, 65000).astype(np.float16)
-            prob[start : start + len(rows)] = p
-        f.attrs["kind"] = "cams"
-        f.attrs["schema_version"] = SCHEMA_VERSION
-        f.attrs["classes"] = json.dumps(classes)
-        f.attrs["method"] = method
-        f.attrs["heatmap_size"] = size
-        f.attrs["stride"] = int(model.stride)
-        f.attrs["normalisation"] = NORMALISATION[method]
-    return out
+        for start, c, p in blocks:
+            cam[start : start + len(c)] = c
+            prob[start : start + len(c)] = p
+        for key, value in attrs.items():
+            f.attrs[key] = value
+
+
+def _from_parts(out: Path, n: int, chunk: int):
+    """The blocks of every rank's part file, chunk by chunk in row order (shards are chunk-aligned)."""
+    for r, start, stop in distributed.shards(n, chunk):
+        if start == stop:
+            continue
+        with h5py.File(distributed.part_path(out, r), "r") as f:
+            for a in range(start, stop, chunk):
+                b = min(stop, a + chunk)
+                yield a, f["cam"][a - start : b - start], f["prob"][a - start : b - start]
