@@ -2,7 +2,8 @@
 
 :func:`predict_cams` runs a classifier forward only (``torch.no_grad``, batched) and returns the raw maps
 at ``heatmap_size`` plus image probabilities; :func:`run` streams the whole dataset through it in chunks
-of ``cams.chunk_size`` slices into ``cams.h5`` (contract in docs/ARCHITECTURE.md).
+of ``cams.chunk_size`` slices into ``cams.h5`` (contract in docs/ARCHITECTURE.md), with the network made
+forward-only by :func:`inference_model`.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from weak2full.errors import InvalidInputError
 from weak2full.h5 import SCHEMA_VERSION, DatasetFile, atomic_output
 from weak2full.params import InputParams
 
-__all__ = ["normalise_cam", "predict_cams", "NORMALISATION", "run"]
+__all__ = ["normalise_cam", "predict_cams", "inference_model", "NORMALISATION", "run"]
 
 # How each method's raw map becomes 0..1 (stored in cams.h5 and read by normalise_cam).
 NORMALISATION = {"heatmap": "relative", "gap_cam": "max"}
@@ -65,11 +66,13 @@ def predict_cams(
     heatmap_size: int,
     batch_size: int = 32,
     device: str | torch.device = "cpu",
+    channels_last: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Raw maps float32 (n, K, S, S), S = ``heatmap_size``, and probabilities float32 (n, K) of rows ``idx``.
 
     Works for both classifiers: the heatmap network's map is already S x S; gap_cam's stride-32 CAM is
-    upsampled bilinearly to S. Only images are read from ``dataset_file``.
+    upsampled bilinearly to S. Only images are read from ``dataset_file``. ``channels_last``: feed the
+    batches in that memory format (for a model from :func:`inference_model`).
     """
     model.eval().to(device)
     idx = np.asarray(idx, dtype=np.int64)
@@ -78,6 +81,8 @@ def predict_cams(
         rows = idx[start : start + batch_size]
         planes = source_stack(dataset_file.h5["image"], rows, dataset_file.patient, input_params.mode)
         x = torch.from_numpy(build_channels(planes, input_params)).to(device)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         out = model(x)
         cam = out["map"].float()
         if cam.shape[-1] != heatmap_size:
@@ -87,6 +92,24 @@ def predict_cams(
     if not cams:
         return np.zeros((0, 0, heatmap_size, heatmap_size), np.float32), np.zeros((0, 0), np.float32)
     return np.concatenate(cams), np.concatenate(probs)
+
+
+def inference_model(model: torch.nn.Module) -> tuple[torch.nn.Module, bool]:
+    """A forward-only version of ``model``: BatchNorm folded into the convolutions before it (torch.fx),
+    in channels_last; returns it and whether inputs should be channels_last.
+
+    Measured on this 2-core CPU (bench/bench_cams.py, default heatmap network, batch 32 at 128x128):
+    1.7x the images/s of the plain network (folding alone 1.1x; oneDNN's convolutions prefer NHWC),
+    maps equal to ~1e-7. A network torch.fx cannot trace is used unfolded.
+    """
+    from torch.fx.experimental.optimization import fuse
+
+    model = model.eval()
+    try:
+        model = fuse(model)
+    except Exception:  # noqa: BLE001 - an untraceable encoder only loses the folding
+        pass
+    return model.to(memory_format=torch.channels_last), True
 
 
 def run(
@@ -121,9 +144,11 @@ def run(
     input_params = InputParams(**ckpt["input"])
     # The map side the classifier was trained and selected at (gap_cam's CAM is upsampled to it).
     size = int(ckpt["heatmap_size"])
+    stride = int(model.stride)
+    model, channels_last = inference_model(model)
     out = Path(out)
     attrs = {"kind": "cams", "schema_version": SCHEMA_VERSION, "classes": json.dumps(classes),
-             "method": method, "heatmap_size": size, "stride": int(model.stride),
+             "method": method, "heatmap_size": size, "stride": stride,
              "normalisation": NORMALISATION[method]}
     chunk = params.cams.chunk_size
     with DatasetFile(dataset_path) as ds:
@@ -134,7 +159,8 @@ def run(
             for a in tqdm(range(start, stop, chunk), desc=f"cams ({method})", unit="chunk",
                           disable=not distributed.is_main()):
                 rows = np.arange(a, min(stop, a + chunk))
-                c, p = predict_cams(model, ds, rows, input_params, size, params.cams.batch_size, device)
+                c, p = predict_cams(model, ds, rows, input_params, size, params.cams.batch_size, device,
+                                    channels_last)
                 yield a, np.clip(c, -65000, 65000).astype(np.float16), p
 
         if distributed.world() == 1:
