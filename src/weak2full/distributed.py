@@ -15,8 +15,10 @@ and a stage runs exactly as before.
   the same best epoch. Only rank 0 writes checkpoints, metrics and dvclive logs.
 * ``cams`` and ``pseudo_masks``: each rank computes a contiguous, chunk-aligned share of the slices
   (:func:`shard`) into a part file beside the output (:func:`part_path`); rank 0 then writes the output
-  from the parts with the same writes, in the same order, as one process, so the bytes are the same.
-  Across machines the output folder must be shared (a network file system).
+  from the parts with the same writes, in the same order, as one process, so the bytes are the same
+  (for cams on the CPU, as one process with the same intra-op threads: oneDNN may split a small
+  convolution differently by thread count, moving the last bits of a map). Across machines the output
+  folder must be shared (a network file system).
 """
 
 from __future__ import annotations
@@ -149,8 +151,9 @@ class ShardedBatches:
         self.batches, self.rank, self.world = batches, rank(), world()
         if batch_size % self.world:
             raise InvalidParameterError(
-                f"The '{what}' parameter must be a multiple of the number of processes ({self.world}), "
-                f"so that each rank trains on an equal share of a batch. Got {batch_size} instead."
+                f"The '{what}' parameter of a training stage must be a multiple of the number of "
+                f"processes ({self.world}), so that each rank trains on an equal share of every batch. "
+                f"Got {batch_size} instead."
             )
 
     def set_epoch(self, epoch: int) -> None:
