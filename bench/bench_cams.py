@@ -10,10 +10,13 @@
   network, input and batches: ``pytorch_grad_cam.GradCAM`` on the decoder's last block (the
   128x128-resolution features: the same map side; at the encoder's deepest stage it would be 4x4),
   target = class ``any``, inputs read from the same dataset.h5 and windowed the same way, maps kept in
-  memory (not written: GradCAM gets the cheaper end). Target: cams >= 3x GradCAM.
+  memory (not written: GradCAM gets the cheaper end). Target: cams >= 3x GradCAM. Also timed: the
+  stage with the network as loaded (without ``cams.inference_model``), and GradCAM on a channels_last
+  network.
 * memory: the cams stage run in a fresh process per size (dataset made in another); its VmHWM peak.
   The network is a light heatmap network (``LIGHT``: timm's test_resnet encoder, decoder [16, 8],
-  32x32 map) so that 20,000 slices take a minute or two on a CPU. Target: the peak at the largest size within 10% of the smallest.
+  32x32 map) so that 20,000 slices take a minute or two on a CPU. Target: the peak at the largest size
+  within 10% of the smallest.
 
 Torch uses its default intra-op threads (printed); the load average is printed with the figures.
 """
@@ -107,6 +110,14 @@ def speed(n: int, size: int, batch_size: int = 32, heatmap_size: int = 128,
         t0 = time.perf_counter()
         cams.run(params, ckpt, dataset, tmp / "cams.h5")
         t_cams = time.perf_counter() - t0
+        # The same stage with the network as loaded (no BatchNorm folding, no channels_last).
+        real, cams.inference_model = cams.inference_model, lambda m: (m, False)
+        try:
+            t0 = time.perf_counter()
+            cams.run(params, ckpt, dataset, tmp / "plain.h5")
+            t_plain = time.perf_counter() - t0
+        finally:
+            cams.inference_model = real
         t0 = time.perf_counter()
         maps = gradcam_pass(model, dataset, batch_size)
         t_grad = time.perf_counter() - t0
@@ -127,6 +138,7 @@ def speed(n: int, size: int, batch_size: int = 32, heatmap_size: int = 128,
         "batch_size": batch_size,
         "threads": torch.get_num_threads(),
         "cams_img_per_s": n / t_cams,
+        "cams_plain_network_img_per_s": n / t_plain,
         "gradcam_img_per_s": n / t_grad,
         "gradcam_channels_last_img_per_s": n / t_grad_cl if t_grad_cl else None,
         "ratio": t_grad / t_cams,
@@ -174,14 +186,16 @@ def main() -> None:
         return
     if args.slices:
         s = speed(args.slices, args.size)
-        print(f"\ncams vs GradCAM, {s['slices']} slices at {s['input']}^2, {s['threads']} threads, load {s['load']}")
+        print(f"\ncams vs GradCAM, {s['slices']} slices at {s['input']}^2, {s['threads']} threads, "
+              f"load {s['load']}")
         print(f"cams stage {s['cams_img_per_s']:.1f} img/s, GradCAM {s['gradcam_img_per_s']:.1f} img/s: "
               f"{s['ratio']:.2f}x (target 3x: {'met' if s['met'] else 'NOT met'})")
     if len(args.memory_slices) >= 2:
         m = memory(args.memory_slices, args.size)
         print("\ncams stage peak memory (VmHWM, MiB)")
         for r in m["rows"]:
-            print(f"{r['slices']:>8} slices {r['hwm_mib']:>8.1f} MiB {r['seconds']:>7.1f} s  load {r['load']}")
+            print(f"{r['slices']:>8} slices {r['hwm_mib']:>8.1f} MiB {r['seconds']:>7.1f} s  "
+                  f"load {r['load']}")
         print(f"growth {m['growth']:+.1%} (target within 10%: {'met' if m['met'] else 'NOT met'})")
 
 

@@ -122,7 +122,8 @@ def memory(sizes: list[int], workers: int, chunk_size: int = 256) -> dict:
     for n in sizes:
         with tempfile.TemporaryDirectory() as tmp:
             run_child(__file__, "--make", tmp, str(n))
-            res = run_child(__file__, "--child", tmp, "--workers", str(workers), "--chunk-size", str(chunk_size))
+            res = run_child(__file__, "--child", tmp, "--workers", str(workers),
+                            "--chunk-size", str(chunk_size))
             rows.append({"slices": n, **res, "load": load()})
     growth = {k: rows[-1][k] / rows[0][k] - 1 for k in ("hwm_mib", "tree_mib")}
     return {"rows": rows, "workers": workers, "positive_fraction": MEMORY_POSITIVE, "growth": growth,
@@ -154,8 +155,10 @@ def main() -> None:
         print(f"{'what':<22}{'images/s':>10}{'x loop':>8}{'CPU ms/slice':>14}")
         for k, r in s["img_per_s"].items():
             print(f"{k:<22}{r:>10.1f}{r / s['img_per_s']['loop']:>8.2f}{s['cpu_ms_per_slice'][k]:>14.2f}")
-        print(f"parallel efficiency {s['efficiency']:.2f} (target >= 0.8: {'met' if s['met'] else 'NOT met'}); "
-              f"output bytes workers=1 vs {args.workers}: {'identical' if s['bytes_identical_1_vs_P'] else 'DIFFERENT'}")
+        same = "identical" if s["bytes_identical_1_vs_P"] else "DIFFERENT"
+        met = "met" if s["met"] else "NOT met"
+        print(f"parallel efficiency {s['efficiency']:.2f} (target >= 0.8: {met}); "
+              f"output bytes workers=1 vs {args.workers}: {same}")
     if len(args.memory_slices) >= 2:
         m = memory(args.memory_slices, args.workers, args.chunk_size)
         print(f"\npeak memory (MiB), workers={args.workers}, chunk_size={args.chunk_size}")

@@ -1,6 +1,6 @@
 """Training throughput: images/s of the one training loop for the default networks, DataLoader workers tuned.
 
-    python bench/bench_train.py                                  # classifier + segmenter, 128 and 256, workers 0/1/2
+    python bench/bench_train.py              # classifier + segmenter, 128 and 256, workers 0/1/2
     python bench/bench_train.py --nets classifier --sizes 512 --workers 0 --steps 3
 
 What runs is ``weak2full.train.fit`` itself (balanced sampler, HDF5 read by the lazily opened
@@ -82,7 +82,8 @@ def flops(net: str, size: int) -> float:
     from torch.utils.flop_counter import FlopCounterMode
 
     params = parse_params({})
-    arch, p = {"classifier": ("heatmap", params.train_classifier), "gap_cam": ("gap_cam", params.baseline_cam),
+    arch, p = {"classifier": ("heatmap", params.train_classifier),
+               "gap_cam": ("gap_cam", params.baseline_cam),
                "segmenter": ("segmenter", params.train_segmenter)}[net]
     model = create_model(arch, model_config(arch, p, params.input.in_channels, 1, size)).eval()
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
@@ -119,8 +120,8 @@ def sweep(nets=NETS, sizes=(128, 256), workers=(0, 1, 2), steps: int = 6, slices
                 for w in workers:
                     rows.append(throughput(net, dataset, size, w, steps))
                     r = rows[-1]
-                    print(f"  train {net} {size}^2 workers={w}: {r['img_per_s']:.1f} img/s (load {r['load']})",
-                          flush=True)
+                    print(f"  train {net} {size}^2 workers={w}: {r['img_per_s']:.1f} img/s "
+                          f"(load {r['load']})", flush=True)
     best = {}
     for r in rows:
         key = f"{r['net']}_{r['input']}"

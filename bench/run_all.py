@@ -5,13 +5,17 @@
 
 Each figure is measured side by side with its reference, in this run, on this machine:
 
-| key | measured | reference | target |
-|---|---|---|---|
-| ``cams_vs_gradcam`` | cams stage, default heatmap network, 128^2 | pytorch-grad-cam GradCAM, same network, inputs, batches | >= 3x |
-| ``crf_parallel_efficiency`` | pseudo_masks stage with P workers (P = CPUs) | single-process pydensecrf loop | >= 0.8 P |
-| ``memory_growth`` | cams and pseudo_masks peak memory at 20,000 slices | the same at 1,000 | within 10% |
-| ``train_img_per_s`` | fit() of the default classifier and segmenter at 128^2 and 256^2, workers 0/1/2 | each other | (none) |
-| ``input_512_stride4`` | classifier training, cams (vs GradCAM) and pseudo_masks at 512^2 with the stride-4 128^2 map | the 128^2 figures | runs |
+* ``cams_vs_gradcam``: the cams stage (default heatmap network, 128^2) against pytorch-grad-cam's
+  GradCAM on the same network, inputs and batches; target >= 3x.
+* ``crf_parallel_efficiency``: the pseudo_masks stage with P workers (P = CPUs) against a
+  single-process pydensecrf loop; target >= 0.8 P.
+* ``memory_growth``: peak memory of cams and pseudo_masks at 20,000 slices against 1,000; target
+  within 10%.
+* ``train_img_per_s``: fit() of the default classifier and segmenter at 128^2 and 256^2 with
+  DataLoader workers 0, 1, 2 (the best is the tuned figure).
+* ``input_512_stride4``: classifier training, cams (vs GradCAM) and pseudo_masks at 512^2 with the
+  stride-4 128^2 map, beside the 128^2 figures: the setting runs on a CPU.
+* ``scale_inputs``: counted forward FLOPs and data-path CPU ms per sample, for bench/scale.py.
 
 Details of each measurement: the docstrings of bench_cams.py, bench_crf.py, bench_train.py. The header
 holds the machine, the versions and the load average at start and end (others share this CPU). GPU
@@ -92,7 +96,8 @@ def rows(res: dict) -> list[tuple[str, str, str, str, str]]:
     if c.get("gradcam_channels_last_img_per_s"):
         ref += f" (channels_last: {c['gradcam_channels_last_img_per_s']:.1f})"
     out.append((f"cams stage vs GradCAM, {c['slices']} slices at 128², batch {c['batch_size']}",
-                f"{c['cams_img_per_s']:.1f} img/s", ref, f"{c['ratio']:.2f}×",
+                f"{c['cams_img_per_s']:.1f} img/s (plain network: {c['cams_plain_network_img_per_s']:.1f})",
+                ref, f"{c['ratio']:.2f}×",
                 f"≥ 3×: {'met' if c['met'] else 'missed'}"))
     s = res["crf_parallel_efficiency"]
     out.append((f"pseudo_masks, {s['workers']} workers, {s['slices']} positive slices at 128²",
@@ -114,21 +119,24 @@ def rows(res: dict) -> list[tuple[str, str, str, str, str]]:
         net, size = key.rsplit("_", 1)
         others = ", ".join(f"{r['num_workers']}: {r['img_per_s']:.1f}" for r in t["rows"]
                            if r["net"] == net and str(r["input"]) == size)
-        out.append((f"train {net} {size}², batch 16", f"{b['img_per_s']:.1f} img/s (workers {b['num_workers']})",
+        out.append((f"train {net} {size}², batch 16",
+                    f"{b['img_per_s']:.1f} img/s (workers {b['num_workers']})",
                     f"workers {others}", "best of 0/1/2", "tuned"))
     x = res["input_512_stride4"]
     tr, cm, pm = x["train_classifier"], x["cams"], x["pseudo_masks"]
     b128 = t["best"]["classifier_128"]["img_per_s"]
     out.append(("train classifier 512² (stride-4 128² map)", f"{tr['img_per_s']:.2f} img/s",
                 f"128²: {b128:.1f} img/s", f"{tr['img_per_s'] / b128:.3f}×", "runs"))
-    out.append((f"cams 512², {cm['slices']} slices (map {cm['map'][0]}²)", f"{cm['cams_img_per_s']:.2f} img/s",
+    out.append((f"cams 512², {cm['slices']} slices (map {cm['map'][0]}²)",
+                f"{cm['cams_img_per_s']:.2f} img/s",
                 f"GradCAM {cm['gradcam_img_per_s']:.2f} img/s", f"{cm['ratio']:.2f}×", "runs"))
     out.append((f"pseudo_masks 512², {pm['slices']} slices, {pm['workers']} workers",
                 f"{pm['img_per_s']['stage_pool']:.2f} img/s",
                 f"128²: {s['img_per_s']['stage_pool']:.1f} img/s",
                 f"{pm['img_per_s']['stage_pool'] / s['img_per_s']['stage_pool']:.3f}×", "runs"))
     if not res.get("gpu"):
-        out.append(("GPU: bf16 AMP, channels_last, 512² chain", "not measured", "no GPU on this machine", "", ""))
+        out.append(("GPU: bf16 AMP, channels_last, 512² chain", "not measured", "no GPU on this machine",
+                    "", ""))
     return out
 
 
@@ -161,10 +169,12 @@ def main() -> None:
     with atomic_output(args.out) as tmp:
         tmp.write_text(json.dumps(doc, indent=1) + "\n")
     m = header
-    print(f"\nweak2full bench ({doc['mode']}), {m['date']}: {m['cpu']}, {m['usable_cpus']} CPUs, {m['memory']}, "
-          f"GPU {m['gpu'] or 'none'}; torch {m['versions']['torch']} ({m['torch_threads']} threads), "
-          f"grad-cam {m['versions'].get('grad-cam')}, pydensecrf2 {m['versions'].get('pydensecrf2')}; "
-          f"load average {m['load_average_start']} at start, {m['load_average_end']} at end; {m['seconds']:.0f} s\n")
+    print(f"\nweak2full bench ({doc['mode']}), {m['date']}: {m['cpu']}, {m['usable_cpus']} CPUs, "
+          f"{m['memory']}, GPU {m['gpu'] or 'none'}; torch {m['versions']['torch']} ({m['torch_threads']} "
+          f"threads), grad-cam {m['versions'].get('grad-cam')}, "
+          f"pydensecrf2 {m['versions'].get('pydensecrf2')}; "
+          f"load average {m['load_average_start']} at start, {m['load_average_end']} at end; "
+          f"{m['seconds']:.0f} s\n")
     print(doc["table"])
     print(f"\nwritten: {args.out}")
 

@@ -63,7 +63,8 @@ def _fmt(seconds: float) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--results", type=Path, default=Path(__file__).resolve().parent / "results" / "latest.json")
+    ap.add_argument("--results", type=Path,
+                    default=Path(__file__).resolve().parent / "results" / "latest.json")
     ap.add_argument("--slices", type=int, default=750_000)
     ap.add_argument("--positive", type=float, default=0.14)
     ap.add_argument("--gpus", type=int, nargs="*", default=[1, 8])
@@ -79,8 +80,9 @@ def main() -> None:
     tables = {g: estimate(res, args.slices, g, args.gpu_tflops, args.cores_per_gpu, args.ddp_efficiency,
                           args.positive) for g in args.gpus}
     print(f"{args.slices:,} slices at 512² (stride-4 128² map), {args.positive:.0%} positive; assumed "
-          f"{args.gpu_tflops:g} TFLOP/s sustained per GPU, {args.cores_per_gpu} cores per GPU, DDP efficiency "
-          f"{args.ddp_efficiency:g}; from {args.results.name} ({res['mode']}, {res['machine']['date']})\n")
+          f"{args.gpu_tflops:g} TFLOP/s sustained per GPU, {args.cores_per_gpu} cores per GPU, "
+          f"DDP efficiency {args.ddp_efficiency:g}; from {args.results.name} ({res['mode']}, "
+          f"{res['machine']['date']})\n")
     head = ["stage", f"this CPU ({res['machine']['usable_cpus']} cores, measured rate)"]
     for g in args.gpus:
         head.append(f"{g} GPU{'s' if g > 1 else ''}: GPU / CPU-data bound → estimate")
