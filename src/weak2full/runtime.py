@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import random
 
 import numpy as np
@@ -59,8 +58,10 @@ def set_rng_state(state: dict) -> None:
 
 
 def set_threads(n: int | None = None) -> int:
-    """Intra-op threads for torch on CPU (default: the CPUs this process may use); returns the number."""
+    """Intra-op threads for torch on CPU (default: this process's share of its CPUs); returns the number."""
     if n is None:
-        n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        from weak2full.distributed import local_cpus
+
+        n = local_cpus()  # under torchrun, the ranks on this machine share its CPUs
     torch.set_num_threads(max(1, n))
     return torch.get_num_threads()

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from weak2full import losses
+from weak2full import distributed, losses
 from weak2full.cams import NORMALISATION, normalise_cam, predict_cams
 from weak2full.data import BalancedBatchSampler, SliceDataset
 from weak2full.errors import InvalidInputError
@@ -92,6 +92,7 @@ def fit(
     last epoch's full state (model, optimiser, schedule, best so far, random states) so that a rerun with
     the same params and data resumes (``p.resume``); the caller removes it once its outputs are written,
     so a kill between the last epoch and the final checkpoint resumes too. ``live_dir``: dvclive folder.
+    Under torchrun each rank trains on its share of every batch (:mod:`weak2full.distributed`).
     """
     cuda = device.type == "cuda"
     _check_positives(train_set)
@@ -99,7 +100,8 @@ def fit(
     total = steps * p.epochs
     sampler = BalancedBatchSampler(train_set.positive, p.batch_size, steps, p.positive_fraction, seed)
     loader = torch.utils.data.DataLoader(
-        train_set, batch_sampler=sampler, num_workers=p.num_workers, pin_memory=cuda,
+        train_set, batch_sampler=distributed.ShardedBatches(sampler, p.batch_size),
+        num_workers=p.num_workers, pin_memory=cuda,
         persistent_workers=p.num_workers > 0,
     )
     model.to(device)
@@ -108,6 +110,9 @@ def fit(
     opt = torch.optim.AdamW(model.parameters(), lr=p.lr, weight_decay=p.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(total, int(round(p.warmup_epochs * steps))))
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if (cuda and p.amp) else contextlib.nullcontext()
+    # Under torchrun: DDP for the training forward, validation on rank 0 shared with all, rank 0 writes.
+    net, main = distributed.wrap(model, device), distributed.is_main()
+    validate = distributed.main_only(validate)
 
     fingerprint = _fingerprint(p, seed, len(train_set), model, train_set)
     start_epoch, best_score, best_state, best_metrics = 0, -math.inf, None, {}
@@ -123,19 +128,20 @@ def fit(
             set_rng_state(state["rng"])  # the sampler draws from (seed, epoch): nothing else to restore
             tqdm.write(f"{desc}: resuming after epoch {start_epoch} from {state_path}")
 
-    live = _live(live_dir, resume=start_epoch > 0)
+    live = _live(live_dir if main else None, resume=start_epoch > 0)
     try:
         for epoch in range(start_epoch, p.epochs):
             sampler.set_epoch(epoch)
             model.train()
             running, seen = 0.0, 0
-            bar = tqdm(loader, desc=f"{desc} {epoch + 1}/{p.epochs}", leave=False, unit="step")
+            bar = tqdm(loader, desc=f"{desc} {epoch + 1}/{p.epochs}", leave=False, unit="step",
+                       disable=not main)
             for x, target in bar:
                 x, target = x.to(device, non_blocking=True), target.to(device, non_blocking=True)
                 if cuda and p.channels_last:
                     x = x.contiguous(memory_format=torch.channels_last)
                 with amp:
-                    loss = loss_fn(model(x), target)
+                    loss = loss_fn(net(x), target)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -149,16 +155,17 @@ def fit(
             if improved:
                 best_score, best_metrics = score, dict(metrics)
                 best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-            tqdm.write(f"{desc} epoch {epoch + 1}/{p.epochs}: loss {running / max(1, seen):.4f} "
-                       + " ".join(f"{k} {v:.3f}" for k, v in metrics.items())
-                       + (" *" if improved else ""))
+            if main:
+                tqdm.write(f"{desc} epoch {epoch + 1}/{p.epochs}: loss {running / max(1, seen):.4f} "
+                           + " ".join(f"{k} {v:.3f}" for k, v in metrics.items())
+                           + (" *" if improved else ""))
             if live is not None:
                 live.log_metric("train/loss", running / max(1, seen))
                 live.log_metric("train/lr", sched.get_last_lr()[0])
                 for k, v in metrics.items():
                     live.log_metric(f"val/{k}", float(v))
                 live.next_step()
-            if state_path is not None:
+            if state_path is not None and main:
                 with atomic_output(state_path) as tmp:
                     torch.save({"fingerprint": fingerprint, "epoch": epoch, "model": model.state_dict(),
                                 "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
@@ -342,7 +349,7 @@ def selection_rows(ds: DatasetFile, classes: list[str], ratio: float | None, see
 def _setup(params: Params):
     set_threads()
     seed_everything(params.common.seed)
-    return choose_device(params.common.device)
+    return distributed.init(choose_device(params.common.device))
 
 
 def _state_path(out_model: Path) -> Path:
@@ -385,6 +392,8 @@ def _train_classifier(params: Params, arch: str, dataset: str | Path, out_model:
     best, _ = fit(model, train_set, loss_fn, validate, section, select_key=section.select_by,
                   seed=params.common.seed, device=device, live_dir=live_dir,
                   state_path=_state_path(out_model), desc=arch)
+    if not distributed.is_main():  # under torchrun rank 0 alone scores and writes
+        return {}
     model.load_state_dict(best)
     with DatasetFile(dataset) as ds:  # map thresholds calibrated on val, applied to test
         val = classifier_metrics(model, ds, val_idx, ip, classes, arch, heatmap_size, eval_bs, device)
@@ -435,6 +444,8 @@ def _train_segmenter(
     best, metrics = fit(model, train_set, loss_fn, validate, section, select_key="dice_pos",
                         seed=params.common.seed, device=device, live_dir=live_dir,
                         state_path=_state_path(out_model), desc=desc)
+    if not distributed.is_main():
+        return metrics
     model.load_state_dict(best)
     save_checkpoint(out_model, model, "segmenter", config, classes, input=ip.model_dump(mode="json"),
                     val=metrics)
@@ -459,7 +470,8 @@ def run_oracle(params: Params, dataset, out_model, live_dir="dvclive/train_oracl
     With ``train_oracle.enabled: false`` it writes a marker checkpoint that :func:`load_model` refuses.
     """
     if not params.train_oracle.enabled:
-        save_disabled(out_model, "the oracle is disabled (train_oracle.enabled is false)")
+        if distributed.is_main():
+            save_disabled(out_model, "the oracle is disabled (train_oracle.enabled is false)")
         return {}
     with DatasetFile(dataset) as ds:
         if not ds.masks_complete:
