@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from weak2full.data import build_channels, source_stack
+from weak2full.data import model_input
 from weak2full.errors import InvalidInputError
 from weak2full.h5 import SCHEMA_VERSION, DatasetFile, atomic_output
 from weak2full.params import InputParams
@@ -68,15 +68,18 @@ def predict_cams(
     """Raw maps float32 (n, K, S, S), S = ``heatmap_size``, and probabilities float32 (n, K) of rows ``idx``.
 
     Works for both classifiers: the heatmap network's map is already S x S; gap_cam's stride-32 CAM is
-    upsampled bilinearly to S. Only images are read from ``dataset_file``.
+    upsampled bilinearly to S, and so is a PYLON map (stride 4). A slice-context network
+    (``model.context_slices`` > 1) gets each slice's window of neighbours. Only images are read from
+    ``dataset_file``.
     """
     model.eval().to(device)
     idx = np.asarray(idx, dtype=np.int64)
+    context = getattr(model, "context_slices", 1)
     cams, probs = [], []
     for start in range(0, len(idx), batch_size):
         rows = idx[start : start + batch_size]
-        planes = source_stack(dataset_file.h5["image"], rows, dataset_file.patient, input_params.mode)
-        x = torch.from_numpy(build_channels(planes, input_params)).to(device)
+        x = model_input(dataset_file.h5["image"], rows, dataset_file.patient, input_params, context)
+        x = torch.from_numpy(x).to(device)
         out = model(x)
         cam = out["map"].float()
         if cam.shape[-1] != heatmap_size:
