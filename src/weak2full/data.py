@@ -25,7 +25,7 @@ import h5py
 import numpy as np
 import torch
 
-from weak2full.errors import InvalidInputError
+from weak2full.errors import InvalidInputError, InvalidParameterError
 from weak2full.h5 import DatasetFile, open_checked
 from weak2full.params import AugmentParams, InputParams
 
@@ -156,13 +156,16 @@ def check_mask_classes(value_classes: Sequence[str], classes: Sequence[str], whe
         )
 
 
-def make_augmentation(p: AugmentParams) -> A.Compose:
+def make_augmentation(p: AugmentParams, crop_size: int | None = None) -> A.Compose:
     """Geometric CT augmentation on (H, W, P) float32 HU with an (H, W) uint8 mask.
 
     Horizontal flip (heads are roughly left-right symmetric) and a small affine; HU outside the image is
     filled with air and mask with background (nearest-neighbour, so 255 stays 255). The intensity part
-    (HU offset, noise) is :meth:`SliceDataset._intensity`, applied with the same per-sample seed.
+    (HU offset, noise) is applied by :meth:`SliceDataset._augment` with the same per-sample seed.
+    ``crop_size``: then a crop_size x crop_size patch holding a foreground pixel where the mask has one
+    (255, ignore, does not count), anywhere otherwise.
     """
+    crop = [A.CropNonEmptyMaskIfExists(crop_size, crop_size, ignore_values=[255])] if crop_size else []
     return A.Compose(
         [
             A.HorizontalFlip(p=p.hflip),
@@ -176,6 +179,7 @@ def make_augmentation(p: AugmentParams) -> A.Compose:
                 fill_mask=0,
                 p=p.affine,
             ),
+            *crop,
         ],
         seed=0,
     )
@@ -207,6 +211,7 @@ class SliceDataset(torch.utils.data.Dataset):
         targets: str = "label",
         augment: AugmentParams | None = None,
         pseudo_path: str | Path | None = None,
+        crop_size: int | None = None,
         context_slices: int = 1,
     ):
         if targets not in ("label", "pseudo", "annotated", "oracle"):
@@ -221,7 +226,10 @@ class SliceDataset(torch.utils.data.Dataset):
         self.targets = targets
         self.context_slices = context_slices  # > 1: x is the (T, C, H, W) window of a slice-context network
         self.augment = augment
-        self._aug = make_augmentation(augment) if augment is not None else None
+        if crop_size is not None and (targets == "label" or augment is None):
+            raise ValueError("crop_size needs mask targets and augmentation (a crop can cut a lesion out "
+                             "of an image label)")
+        self._aug = make_augmentation(augment, crop_size) if augment is not None else None
         self._file: DatasetFile | None = None
         self._pseudo: h5py.File | None = None
         # Small per-slice vectors are read once here (cheap) so that the sampler can use them.
@@ -230,6 +238,11 @@ class SliceDataset(torch.utils.data.Dataset):
             self.labels = f.labels_for(self.classes)[self.indices].astype(np.float32)
             self.mask_classes = f.mask_classes
             self.image_size = (f.height, f.width)
+            if crop_size is not None and crop_size > min(self.image_size):
+                raise InvalidParameterError(
+                    f"The crop_size parameter ({crop_size}) is larger than the {f.height}x{f.width} slices of "
+                    f"{self.dataset_path}; use at most {min(self.image_size)} or null."
+                )
             if targets == "annotated" and not f.has_mask[self.indices].all():
                 raise InvalidInputError(
                     f"{self.dataset_path}: targets='annotated' asked for slices outside the annotated subset."

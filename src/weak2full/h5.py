@@ -33,6 +33,7 @@ __all__ = [
     "SCHEMA_VERSION",
     "SPLITS",
     "atomic_output",
+    "write_json",
     "open_checked",
     "DatasetFile",
     "truth_mask",
@@ -72,6 +73,14 @@ def atomic_output(path: str | Path) -> Iterator[Path]:
             else:
                 tmp.unlink()
         raise
+
+
+def write_json(path: str | Path, obj) -> None:
+    """Write ``obj`` as indented JSON with sorted keys (stable diffs in git and dvc), atomically."""
+    import json
+
+    with atomic_output(path) as tmp:
+        Path(tmp).write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
 def write_dataset(

@@ -357,6 +357,10 @@ class SegmenterParams(TrainParams):
     # which costs about 1.5x the compute of this narrower one at 128x128).
     decoder_channels: Optional[list[int]] = Field(default_factory=lambda: [128, 64, 32, 16, 16])
     dice_weight: float = Field(1.0, ge=0.0)  # loss = CE/BCE + dice_weight * Dice (ignore 255)
+    # Train on crop_size x crop_size patches (None: whole slices), a window around a foreground pixel on
+    # slices that have one (albumentations' CropNonEmptyMaskIfExists); validation and inference see whole
+    # slices. Patches cost a fraction of a slice, so the same minutes buy several times the steps.
+    crop_size: Optional[int] = Field(None, ge=16)
 
 
 class OracleParams(SegmenterParams):
@@ -370,6 +374,9 @@ class EvaluateParams(_Section):
     """Scoring on the annotated test slices (weak2full.metrics) and the report (weak2full.report)."""
 
     threshold: float = Field(0.5, gt=0.0, lt=1.0)  # probability threshold for segmenter/oracle masks
+    # true: segmenter and oracle thresholds are chosen on the annotated val slices from threshold_grid,
+    # as the maps' are (the same rule for both, so weak_over_full stays fair); false: ``threshold``.
+    calibrate_threshold: bool = True
     # Thresholds of the dice-vs-threshold curves (plots/dice_vs_threshold.csv), the same for every method.
     threshold_grid: list[float] = Field(default_factory=lambda: [round(0.1 * i, 1) for i in range(1, 10)])
     batch_size: int = Field(32, ge=1)

@@ -31,7 +31,7 @@ from tqdm import tqdm
 from weak2full.cams import normalise_cam
 from weak2full.crf import refine, window_u8
 from weak2full.errors import InvalidInputError, InvalidParameterError
-from weak2full.h5 import SCHEMA_VERSION, DatasetFile, atomic_output, open_checked, truth_mask
+from weak2full.h5 import SCHEMA_VERSION, DatasetFile, atomic_output, open_checked, truth_mask, write_json
 from weak2full.params import CRFParams, Params
 
 __all__ = [
@@ -464,11 +464,6 @@ def _open_inputs(params: Params, dataset: Path, cams: Path):
     return ds, f, str(normalisation), labels
 
 
-def _write_json(path: Path, obj) -> None:
-    with atomic_output(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=2) + "\n")
-
-
 def _write_plots(folder: Path, cal: dict) -> None:
     """``calibration.csv`` (the search table, for `dvc plots`) and ``calibration.png`` (Dice vs threshold)."""
     cols = ["fg", "bg", "compat", "dice_pos_raw", "dice_pos_crf"]
@@ -614,8 +609,8 @@ def run(
             }
             for split in scored:
                 result[split] = {v: scores.summary(split, v, keys) for v in variants}
-            _write_json(Path(calibration), {"thresholds": pm.thresholds, **cal})
-            _write_json(Path(metrics), result)
+            write_json(Path(calibration), {"thresholds": pm.thresholds, **cal})
+            write_json(Path(metrics), result)
             if plots is not None:
                 _write_plots(Path(plots), cal)
     return result

@@ -33,7 +33,7 @@ from weak2full import losses
 from weak2full.cams import NORMALISATION, normalise_cam, predict_cams
 from weak2full.data import BalancedBatchSampler, SliceDataset
 from weak2full.errors import InvalidInputError
-from weak2full.h5 import DatasetFile, atomic_output, truth_mask
+from weak2full.h5 import DatasetFile, atomic_output, truth_mask, write_json
 from weak2full.metrics import dice_per_slice
 from weak2full.models import (
     create_model,
@@ -311,11 +311,6 @@ def _state_path(out_model: Path) -> Path:
     return out_model.with_name(f".{out_model.stem}.resume.pt")
 
 
-def _write_json(path: str | Path, obj: dict) -> None:
-    with atomic_output(path) as tmp:
-        Path(tmp).write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-
-
 def _train_classifier(params: Params, arch: str, dataset: str | Path, out_model: str | Path,
                       out_metrics: str | Path, live_dir: str | Path | None) -> dict:
     section = params.train_classifier if arch == "heatmap" else params.baseline_cam
@@ -366,7 +361,7 @@ def _train_classifier(params: Params, arch: str, dataset: str | Path, out_model:
     result = {"val": val, "test": test}
     save_checkpoint(out_model, model, arch, config, classes, input=ip.model_dump(mode="json"),
                     heatmap_size=heatmap_size, selected_by=section.select_by, map_thresholds=thresholds)
-    _write_json(out_metrics, result)
+    write_json(out_metrics, result)
     return result
 
 
@@ -417,7 +412,8 @@ def run_segmenter(params: Params, dataset, pseudo, out_model, live_dir="dvclive/
     with DatasetFile(dataset) as ds:
         train_idx = ds.indices("train")
     train_set = SliceDataset(dataset, train_idx, params.input, params.common.classes, "pseudo",
-                             params.train_segmenter.augment, pseudo_path=pseudo)
+                             params.train_segmenter.augment, pseudo_path=pseudo,
+                             crop_size=params.train_segmenter.crop_size)
     section = params.train_segmenter
     return _train_segmenter(params, section, train_set, dataset, out_model, live_dir, "segmenter")
 
@@ -438,5 +434,5 @@ def run_oracle(params: Params, dataset, out_model, live_dir="dvclive/train_oracl
             )
         train_idx = ds.indices("train")
     train_set = SliceDataset(dataset, train_idx, params.input, params.common.classes, "oracle",
-                             params.train_oracle.augment)
+                             params.train_oracle.augment, crop_size=params.train_oracle.crop_size)
     return _train_segmenter(params, params.train_oracle, train_set, dataset, out_model, live_dir, "oracle")
