@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from weak2full import distributed
 from weak2full.brain import intracranial_mask, restrict_to_brain
-from weak2full.data import build_channels, current_plane, source_stack
+from weak2full.data import model_input, source_stack
 from weak2full.errors import InvalidInputError
 from weak2full.h5 import SCHEMA_VERSION, DatasetFile, atomic_output
 from weak2full.params import InputParams
@@ -72,19 +72,21 @@ def predict_cams(
     """Raw maps float32 (n, K, S, S), S = ``heatmap_size``, and probabilities float32 (n, K) of rows ``idx``.
 
     Works for both classifiers: the heatmap network's map is already S x S; gap_cam's stride-32 CAM is
-    upsampled bilinearly to S. With ``input_params.brain_mask`` the maps outside the intracranial region
-    are set to their background level (:func:`weak2full.brain.restrict_to_brain`). Only images are read
-    from ``dataset_file``. ``channels_last``: feed the batches in that memory format (for a model from
-    :func:`inference_model`).
+    upsampled bilinearly to S, and so is a PYLON map (stride 4). A slice-context network
+    (``model.context_slices`` > 1) gets each slice's window of neighbours. With
+    ``input_params.brain_mask`` the maps outside the intracranial region are set to their background
+    level (:func:`weak2full.brain.restrict_to_brain`). Only images are read from ``dataset_file``.
+    ``channels_last``: feed the batches in that memory format (for a model from :func:`inference_model`).
     """
     model.eval().to(device)
     idx = np.asarray(idx, dtype=np.int64)
+    context = getattr(model, "context_slices", 1)
     cams, probs = [], []
     for start in range(0, len(idx), batch_size):
         rows = idx[start : start + batch_size]
-        planes = source_stack(dataset_file.h5["image"], rows, dataset_file.patient, input_params.mode)
-        x = torch.from_numpy(build_channels(planes, input_params)).to(device)
-        if channels_last:
+        x = model_input(dataset_file.h5["image"], rows, dataset_file.patient, input_params, context)
+        x = torch.from_numpy(x).to(device)
+        if channels_last and x.dim() == 4:
             x = x.contiguous(memory_format=torch.channels_last)
         out = model(x)
         cam = out["map"].float()
@@ -92,7 +94,8 @@ def predict_cams(
             cam = F.interpolate(cam, size=(heatmap_size, heatmap_size), mode="bilinear", align_corners=False)
         cam = cam.cpu().numpy()
         if input_params.brain_mask:
-            cam = restrict_to_brain(cam, intracranial_mask(current_plane(planes, input_params.mode)))
+            hu = source_stack(dataset_file.h5["image"], rows, dataset_file.patient, "windows")[:, 0]
+            cam = restrict_to_brain(cam, intracranial_mask(hu))
         cams.append(cam)
         probs.append(torch.sigmoid(out["logits"].float()).cpu().numpy())
     if not cams:

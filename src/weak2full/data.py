@@ -3,7 +3,9 @@
 Everything here runs at load time, so a window or the channel mode is a parameter, not a re-prepare:
 
 * :func:`window` and :func:`build_channels` turn HU into float32 channels in 0..1 (``input.mode``).
-* :func:`neighbours` finds the previous/next slice of the same patient (edge slices repeat themselves).
+* :func:`neighbours` finds the previous/next slice of the same patient (edge slices repeat themselves);
+  :func:`context_rows` the window of n slices a slice-context network reads, and :func:`model_input`
+  builds a batch either way.
 * :class:`SliceDataset` reads ``dataset.h5`` lazily (one file handle per DataLoader worker, never a
   whole array) and yields ``(x, target)``: image labels for classifiers, per-class masks for segmenters.
 * :func:`make_augmentation` is the CT augmentation (flip, small affine, HU offset and noise), applied to
@@ -32,6 +34,8 @@ __all__ = [
     "build_channels",
     "neighbours",
     "current_plane",
+    "context_rows",
+    "model_input",
     "mask_targets",
     "make_augmentation",
     "SliceDataset",
@@ -63,6 +67,35 @@ def neighbours(patient: np.ndarray, idx: np.ndarray) -> tuple[np.ndarray, np.nda
     prev = np.where(patient[prev] == patient[idx], prev, idx)
     nxt = np.where(patient[nxt] == patient[idx], nxt, idx)
     return prev, nxt
+
+
+def context_rows(patient: np.ndarray, idx: np.ndarray, n: int) -> np.ndarray:
+    """Rows of the n-slice window centred on each of ``idx``, (len(idx), n) int64.
+
+    Offsets -(n-1)/2 .. (n-1)/2 within the same patient (rows are contiguous and sorted per patient);
+    past a patient's first or last slice the edge slice repeats, so no window mixes two patients.
+    """
+    idx = np.asarray(idx, dtype=np.int64)
+    half = n // 2
+    out = np.repeat(idx[:, None], n, axis=1)
+    for step in range(1, half + 1):  # walk out from the centre; at a patient's edge, repeat the edge
+        for sign in (-1, 1):
+            inner = out[:, half + sign * (step - 1)]
+            cand = np.clip(inner + sign, 0, len(patient) - 1)
+            out[:, half + sign * step] = np.where(patient[cand] == patient[idx], cand, inner)
+    return out
+
+
+def model_input(images, idx, patient: np.ndarray, input_params: InputParams, context: int = 1) -> np.ndarray:
+    """Network input of dataset rows ``idx``: float32 (n, C, H, W), or (n, T, C, H, W) for ``context`` T > 1
+    (the window of :func:`context_rows`, each slice built like a single one)."""
+    idx = np.asarray(idx, dtype=np.int64)
+    if context <= 1:
+        return build_channels(source_stack(images, idx, patient, input_params.mode), input_params)
+    rows = context_rows(patient, idx, context)
+    planes = source_stack(images, rows.ravel(), patient, input_params.mode)
+    planes = planes.reshape(rows.shape + planes.shape[1:])
+    return build_channels(planes, input_params)
 
 
 def source_stack(images: np.ndarray, idx: np.ndarray, patient: np.ndarray, mode: str) -> np.ndarray:
@@ -185,6 +218,7 @@ class SliceDataset(torch.utils.data.Dataset):
         augment: AugmentParams | None = None,
         pseudo_path: str | Path | None = None,
         crop_size: int | None = None,
+        context_slices: int = 1,
     ):
         if targets not in ("label", "pseudo", "annotated", "oracle"):
             raise ValueError(f"targets must be label, pseudo, annotated or oracle, got {targets!r}")
@@ -196,6 +230,7 @@ class SliceDataset(torch.utils.data.Dataset):
         self.input_params = input_params
         self.classes = list(classes)
         self.targets = targets
+        self.context_slices = context_slices  # > 1: x is the (T, C, H, W) window of a slice-context network
         self.augment = augment
         if crop_size is not None and (targets == "label" or augment is None):
             raise ValueError("crop_size needs mask targets and augmentation (a crop can cut a lesion out "
@@ -265,10 +300,14 @@ class SliceDataset(torch.utils.data.Dataset):
         pos, seed = item if isinstance(item, tuple) else (item, None)
         row = int(self.indices[pos])
         f = self._open()
-        planes = source_stack(f.h5["image"], np.array([row]), self.patient, self.input_params.mode)[0]
+        t = self.context_slices
+        rows = context_rows(self.patient, np.array([row]), t)[0] if t > 1 else np.array([row])
+        planes = source_stack(f.h5["image"], rows, self.patient, self.input_params.mode)  # (T, P, H, W)
+        planes = planes.reshape((-1,) + planes.shape[2:])  # one geometric transform for the whole window
         mask = self._raw_mask(row)
         if self._aug is not None and seed is not None:
             planes, mask = self._augment(planes, mask, seed)
+        planes = planes.reshape((t, -1) + planes.shape[1:]) if t > 1 else planes
         x = torch.from_numpy(np.ascontiguousarray(build_channels(planes, self.input_params)))
         if self.targets == "label":
             return x, torch.from_numpy(self.labels[pos])

@@ -241,6 +241,25 @@ class ClassifierParams(TrainParams):
     consistency_weight: float = Field(0.1, ge=0.0)
     # Checkpoint selection: localisation on annotated val slices (AUROC can be won by shortcuts).
     select_by: Literal["point_acc", "map_dice", "auroc"] = "map_dice"
+    # Published methods as options (docs/METHODS.md has each one's source and measured effect).
+    # pylon: PYLON's decoder (pyramid attention + 1x1-skip upsampling, map at stride 4, upsampled to
+    # heatmap_size by cams; width decoder_channels[0]). The published PYLON also sets pooling: max and
+    # deep_supervision: false.
+    decoder: Literal["unet", "pylon"] = "unet"
+    # gru / attention: fuse the deepest encoder features of context_slices neighbouring slices of the
+    # same patient into the classified slice's (ResNet-LSTM idea); labels and maps stay per slice.
+    slice_context: Literal["none", "gru", "attention"] = "none"
+    context_slices: int = Field(5, ge=3)  # odd: the classified slice and (n-1)/2 on each side
+    # Min-max entropy (Belharbi et al.): the map's masked-in image must be classified confidently, its
+    # masked-out remainder must leave the classifier uncertain. 0 switches it off.
+    minmax_entropy_weight: float = Field(0.0, ge=0.0)
+
+    @field_validator("context_slices")
+    @classmethod
+    def _odd(cls, v):
+        if v % 2 == 0:
+            raise ValueError(f"must be odd (the classified slice in the middle), got {v}")
+        return v
 
 
 class BaselineParams(TrainParams):

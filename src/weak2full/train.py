@@ -138,7 +138,7 @@ def fit(
                        disable=not main)
             for x, target in bar:
                 x, target = x.to(device, non_blocking=True), target.to(device, non_blocking=True)
-                if cuda and p.channels_last:
+                if cuda and p.channels_last and x.dim() == 4:  # not the (B, T, C, H, W) slice windows
                     x = x.contiguous(memory_format=torch.channels_last)
                 with amp:
                     loss = loss_fn(net(x), target)
@@ -372,13 +372,18 @@ def _train_classifier(params: Params, arch: str, dataset: str | Path, out_model:
     heatmap_size = params.train_classifier.heatmap_size
     config = model_config(arch, section, ip.in_channels, len(classes), size)
     model = create_model(arch, config, section.encoder_weights)
-    train_set = SliceDataset(dataset, train_idx, ip, classes, "label", section.augment)
+    context = getattr(model, "context_slices", 1)  # a slice-context network reads windows of slices
+    train_set = SliceDataset(dataset, train_idx, ip, classes, "label", section.augment,
+                             context_slices=context)
     if arch == "heatmap":
         p = section
 
         def loss_fn(out, y):
-            return losses.heatmap_loss(out, y, p.deep_supervision_weight if p.deep_supervision else 0.0,
+            loss = losses.heatmap_loss(out, y, p.deep_supervision_weight if p.deep_supervision else 0.0,
                                        p.consistency_weight if p.deep_supervision else 0.0)
+            if p.minmax_entropy_weight > 0:
+                loss = loss + p.minmax_entropy_weight * losses.minmax_entropy_loss(model, out, y)
+            return loss
     else:
         loss_fn = losses.gap_cam_loss
     eval_bs = params.cams.batch_size
