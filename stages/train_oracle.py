@@ -11,5 +11,8 @@ if __name__ == "__main__":
     parser.add_argument("--dataset", required=True, help="dataset.h5 from prepare")
     parser.add_argument("--out", required=True, help="checkpoint to write (models/oracle.pt)")
     parser.add_argument("--live", default="dvclive/train_oracle", help="dvclive folder")
+    parser.add_argument("--pretrained", default=None,
+                        help="encoder weights from pretrain (models/pretrained/segmenter_encoder.pt), "
+                             "used when encoder_weights is 'synthetic'")
     args = parser.parse_args()
-    run_stage("train_oracle", lambda p, a: run_oracle(p, a.dataset, a.out, a.live), args)
+    run_stage("train_oracle", lambda p, a: run_oracle(p, a.dataset, a.out, a.live, a.pretrained), args)

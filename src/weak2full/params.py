@@ -35,6 +35,9 @@ __all__ = [
     "OracleParams",
     "EvaluateParams",
     "ExportParams",
+    "PretrainParams",
+    "PretrainNetParams",
+    "SYNTHETIC_WEIGHTS",
 ]
 
 
@@ -371,6 +374,91 @@ class OracleParams(SegmenterParams):
     enabled: bool = True  # the fully supervised ceiling; off for users without train masks
 
 
+# ------------------------------------------------------------------------------------------- pretrain
+
+# `encoder_weights: synthetic` starts a network from the pretrain stage's weights (weak2full.pretrain).
+SYNTHETIC_WEIGHTS = "synthetic"
+
+
+class PretrainNetParams(TrainParams):
+    """Schedule of one network's synthetic pretraining (the one training loop), strong augmentation:
+    the affine draws head size and pose, the intensity terms scanner offset and noise."""
+
+    epochs: int = Field(5, ge=1)
+    steps_per_epoch: Optional[int] = Field(60, ge=1)
+    lr: float = Field(2e-3, gt=0.0)
+    augment: AugmentParams = AugmentParams(affine=0.9, rotate_deg=25.0, scale=0.25, shift=0.1,
+                                           intensity_hu=8.0, noise_hu=3.0)
+
+
+def _default_randomise() -> dict[str, tuple[float, float]]:
+    # Generator settings drawn per pretraining volume (uniform in [low, high]); the others stay at the
+    # SyntheticParams defaults. params.shifted.yaml tests outside these ranges.
+    return {
+        "noise_hu": (1.0, 4.0),
+        "psf_mm": (0.3, 0.9),
+        "texture_hu": (1.0, 3.0),
+        "blood_hu_mean": (44.0, 60.0),
+        "area_median": (0.5, 1.4),
+        "extra_lesions": (0.1, 0.8),
+        "oedema_hu": (2.0, 8.0),
+        "streak_hu": (0.0, 50.0),
+        "calcification_rate": (0.2, 0.8),
+        "fracture_rate_positive": (0.2, 0.6),
+        "fracture_rate_negative": (0.0, 0.05),
+    }
+
+
+class PretrainParams(_Section):
+    """Synthetic pretraining of the heatmap network's and the segmenter's encoders (weak2full.pretrain).
+
+    Off by default; when on, the training stages whose ``encoder_weights`` is ``synthetic`` start from it.
+    """
+
+    enabled: bool = False
+    # Seeds of the pretraining volumes are seed .. seed + volumes + val_volumes - 1: never the data's.
+    seed: int = Field(10_000, ge=0)
+    volumes: int = Field(80, ge=2)  # synthetic patients to train on, each with its own generator draw
+    val_volumes: int = Field(8, ge=1)  # held out (same ranges) to pick the epoch
+    slices_per_volume: int = Field(24, ge=3)
+    positive_volume_fraction: float = Field(0.6, gt=0.0, lt=1.0)
+    randomise: dict[str, tuple[float, float]] = Field(default_factory=_default_randomise)
+    contrast: tuple[float, float] = (0.8, 1.25)  # per-sample HU contrast scale about the first window's level
+    dice_weight: float = Field(1.0, ge=0.0)  # segmentation term: BCE + dice_weight x Dice
+    cls_weight: float = Field(0.5, ge=0.0)  # image-level BCE (heatmap: pooled logit; segmenter: its head)
+    fp_weight: float = Field(1.0, ge=0.0)  # softplus(largest pixel logit) on negative slices
+    classifier: PretrainNetParams = PretrainNetParams()
+    segmenter: PretrainNetParams = PretrainNetParams()
+
+    @field_validator("randomise")
+    @classmethod
+    def _ranges(cls, v):
+        # set by the pretrain stage itself, not drawn
+        fixed = {"patients", "slices_per_patient", "supersample", "positive_patient_fraction"}
+        numeric = {k for k, f in SyntheticParams.model_fields.items()
+                   if f.annotation in (float, int) and k not in fixed}
+        for key, (lo, hi) in v.items():
+            if key not in numeric:
+                raise ValueError(
+                    f"'{key}' is not a numeric data.synthetic setting (one of {sorted(numeric)})"
+                )
+            if lo > hi:
+                raise ValueError(f"'{key}' must be [low, high] with low <= high, got {[lo, hi]}")
+            try:
+                SyntheticParams(**{key: lo}), SyntheticParams(**{key: hi})
+            except ValidationError as exc:
+                raise ValueError(f"'{key}' range {[lo, hi]} leaves its valid values: "
+                                 f"{exc.errors()[0]['msg']}") from None
+        return v
+
+    @field_validator("contrast")
+    @classmethod
+    def _contrast(cls, v):
+        if not 0 < v[0] <= v[1]:
+            raise ValueError(f"must be [low, high] with 0 < low <= high, got {list(v)}")
+        return v
+
+
 # ------------------------------------------------------------------------------------- evaluate/export
 
 
@@ -416,6 +504,39 @@ class Params(_Section):
     train_oracle: OracleParams = OracleParams()
     evaluate: EvaluateParams = EvaluateParams()
     export: ExportParams = ExportParams()
+    pretrain: PretrainParams = PretrainParams()
+
+    @model_validator(mode="after")
+    def _same_start(self):
+        """``encoder_weights: synthetic`` needs the pretrain stage, and compared networks share a start."""
+        syn = {s: getattr(self, s).encoder_weights == SYNTHETIC_WEIGHTS
+               for s in ("train_classifier", "baseline_cam", "train_segmenter", "train_oracle")}
+        if any(syn.values()) and not self.pretrain.enabled:
+            on = [s for s, v in syn.items() if v]
+            raise ValueError(f"{', '.join(f'{s}.encoder_weights' for s in on)} is 'synthetic' but "
+                             "pretrain.enabled is false: turn pretraining on, or set them to null")
+        if self.pretrain.enabled and not any(syn.values()):
+            raise ValueError("pretrain.enabled is true but no stage's encoder_weights is 'synthetic': the "
+                             "weights would be made and never used")
+        pairs = [("train_classifier", "baseline_cam", "the GAP-CAM baseline is compared with the heatmap")]
+        if self.train_oracle.enabled:
+            pairs.append(("train_segmenter", "train_oracle", "weak_over_full compares the two"))
+        for a, b, why in pairs:
+            wa, wb = getattr(self, a).encoder_weights, getattr(self, b).encoder_weights
+            if (syn[a] or syn[b]) and wa != wb:
+                raise ValueError(f"{a}.encoder_weights ({wa!r}) and {b}.encoder_weights ({wb!r}) must be the "
+                                 f"same start ({why})")
+            if syn[a] and syn[b] and getattr(self, a).encoder != getattr(self, b).encoder:
+                raise ValueError(f"{a}.encoder ({getattr(self, a).encoder!r}) and {b}.encoder "
+                                 f"({getattr(self, b).encoder!r}) must match to share the synthetic weights")
+        if self.pretrain.enabled and self.data.source == "synthetic":
+            first = self.pretrain.seed
+            last = first + self.pretrain.volumes + self.pretrain.val_volumes - 1
+            if first <= self.common.seed <= last:
+                raise ValueError(f"common.seed {self.common.seed} lies in the pretraining seeds "
+                                 f"{first}..{last} (pretrain.seed): the evaluation data must not be drawn "
+                                 "from them")
+        return self
 
     @model_validator(mode="after")
     def _brain_mask_needs_hu(self):
@@ -437,7 +558,7 @@ def _describe(err: dict[str, Any], owner: Path) -> str:
     msg = err["msg"]
     if msg.startswith("Value error, "):
         msg = msg[len("Value error, ") :]
-    if not key:  # a rule across sections: the message names the keys
+    if not key:  # a rule across sections (e.g. Params._same_start): the message names the keys
         return f"{owner}: {msg}."
     where = f"The '{key}' parameter"
     return f"{where} in {owner}: {msg}. Got {got!r} instead."

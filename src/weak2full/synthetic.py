@@ -42,6 +42,7 @@ __all__ = [
     "FOV_MM",
     "SyntheticData",
     "generate",
+    "randomised_params",
     "summary_statistics",
 ]
 
@@ -506,6 +507,17 @@ def _labels_from_mask(mask: np.ndarray, n_classes: int) -> np.ndarray:
         present[:, k] = (mask == k).any(axis=(1, 2))
     present[:, 0] = present[:, 1:].any(axis=1)
     return present.astype(np.uint8)
+
+
+def randomised_params(ranges: dict[str, tuple[float, float]], rng: np.random.Generator,
+                      **fixed) -> SyntheticParams:
+    """Domain randomisation: the default settings with each setting in ``ranges`` drawn uniformly from
+    its [low, high] (in sorted key order, so a seed gives the same draw), then ``fixed`` set as given.
+
+    ``fixed`` is not validated again (pretraining renders one patient at a time: ``patients=1``).
+    """
+    drawn = {k: float(rng.uniform(*ranges[k])) for k in sorted(ranges)}
+    return SyntheticParams().model_copy(update={**drawn, **fixed})
 
 
 def generate(p: SyntheticParams, image_size: int, seed: int) -> SyntheticData:

@@ -37,6 +37,7 @@ from weak2full.h5 import DatasetFile, atomic_output, truth_mask, write_json
 from weak2full.metrics import dice_per_slice
 from weak2full.models import (
     create_model,
+    resolve_encoder_weights,
     model_config,
     predict_masks,
     save_checkpoint,
@@ -357,8 +358,9 @@ def _state_path(out_model: Path) -> Path:
 
 
 def _train_classifier(params: Params, arch: str, dataset: str | Path, out_model: str | Path,
-                      out_metrics: str | Path, live_dir: str | Path | None) -> dict:
-    section = params.train_classifier if arch == "heatmap" else params.baseline_cam
+                      out_metrics: str | Path, live_dir: str | Path | None, pretrained=None) -> dict:
+    name = "train_classifier" if arch == "heatmap" else "baseline_cam"
+    section = getattr(params, name)
     device = _setup(params)
     classes, ip = list(params.common.classes), params.input
     with DatasetFile(dataset) as ds:
@@ -371,7 +373,8 @@ def _train_classifier(params: Params, arch: str, dataset: str | Path, out_model:
         select_idx = selection_rows(ds, classes, section.val_negative_ratio, params.common.seed)
     heatmap_size = params.train_classifier.heatmap_size
     config = model_config(arch, section, ip.in_channels, len(classes), size)
-    model = create_model(arch, config, section.encoder_weights)
+    weights = resolve_encoder_weights(section.encoder_weights, pretrained, f"{name}.encoder_weights")
+    model = create_model(arch, config, weights)
     context = getattr(model, "context_slices", 1)  # a slice-context network reads windows of slices
     train_set = SliceDataset(dataset, train_idx, ip, classes, "label", section.augment,
                              context_slices=context)
@@ -414,24 +417,30 @@ def _train_classifier(params: Params, arch: str, dataset: str | Path, out_model:
 
 
 def run_classifier(
-    params: Params, dataset, out_model, out_metrics, live_dir="dvclive/train_classifier"
+    params: Params, dataset, out_model, out_metrics, live_dir="dvclive/train_classifier", pretrained=None
 ) -> dict:
-    """train_classifier stage: heatmap network -> ``out_model`` and ``{"val": ..., "test": ...}`` metrics."""
-    return _train_classifier(params, "heatmap", dataset, out_model, out_metrics, live_dir)
+    """train_classifier stage: heatmap network -> ``out_model`` and ``{"val": ..., "test": ...}`` metrics.
+
+    ``pretrained``: the pretrain stage's encoder file, used when ``encoder_weights`` is ``synthetic``.
+    """
+    return _train_classifier(params, "heatmap", dataset, out_model, out_metrics, live_dir, pretrained)
 
 
-def run_baseline(params: Params, dataset, out_model, out_metrics, live_dir="dvclive/baseline_cam") -> dict:
+def run_baseline(params: Params, dataset, out_model, out_metrics, live_dir="dvclive/baseline_cam",
+                 pretrained=None) -> dict:
     """baseline_cam stage: GAP-CAM classifier -> ``out_model`` and the same metrics as the heatmap network."""
-    return _train_classifier(params, "gap_cam", dataset, out_model, out_metrics, live_dir)
+    return _train_classifier(params, "gap_cam", dataset, out_model, out_metrics, live_dir, pretrained)
 
 
 def _train_segmenter(
-    params: Params, section, train_set: SliceDataset, dataset, out_model, live_dir, desc: str
+    params: Params, section, train_set: SliceDataset, dataset, out_model, live_dir, desc: str, pretrained=None
 ) -> dict:
     device = _setup(params)
     classes, ip = list(params.common.classes), params.input
     config = model_config("segmenter", section, ip.in_channels, len(classes), 0)
-    model = create_model("segmenter", config, section.encoder_weights)
+    key = "train_segmenter.encoder_weights" if desc == "segmenter" else "train_oracle.encoder_weights"
+    model = create_model("segmenter", config, resolve_encoder_weights(section.encoder_weights, pretrained,
+                                                                      key))
     with DatasetFile(dataset) as ds:
         val_idx = selection_rows(ds, classes, section.val_negative_ratio, params.common.seed)
     if len(val_idx) == 0:
@@ -458,7 +467,8 @@ def _train_segmenter(
     return metrics
 
 
-def run_segmenter(params: Params, dataset, pseudo, out_model, live_dir="dvclive/train_segmenter") -> dict:
+def run_segmenter(params: Params, dataset, pseudo, out_model, live_dir="dvclive/train_segmenter",
+                  pretrained=None) -> dict:
     """train_segmenter stage: smp segmenter on the pseudo-masks of the train split (negatives included)."""
     with DatasetFile(dataset) as ds:
         train_idx = ds.indices("train")
@@ -466,10 +476,10 @@ def run_segmenter(params: Params, dataset, pseudo, out_model, live_dir="dvclive/
                              params.train_segmenter.augment, pseudo_path=pseudo,
                              crop_size=params.train_segmenter.crop_size)
     section = params.train_segmenter
-    return _train_segmenter(params, section, train_set, dataset, out_model, live_dir, "segmenter")
+    return _train_segmenter(params, section, train_set, dataset, out_model, live_dir, "segmenter", pretrained)
 
 
-def run_oracle(params: Params, dataset, out_model, live_dir="dvclive/train_oracle") -> dict:
+def run_oracle(params: Params, dataset, out_model, live_dir="dvclive/train_oracle", pretrained=None) -> dict:
     """train_oracle stage: the same segmenter on the true masks of the train split (the ceiling).
 
     With ``train_oracle.enabled: false`` it writes a marker checkpoint that :func:`load_model` refuses.
@@ -487,4 +497,5 @@ def run_oracle(params: Params, dataset, out_model, live_dir="dvclive/train_oracl
         train_idx = ds.indices("train")
     train_set = SliceDataset(dataset, train_idx, params.input, params.common.classes, "oracle",
                              params.train_oracle.augment, crop_size=params.train_oracle.crop_size)
-    return _train_segmenter(params, params.train_oracle, train_set, dataset, out_model, live_dir, "oracle")
+    return _train_segmenter(params, params.train_oracle, train_set, dataset, out_model, live_dir, "oracle",
+                            pretrained)

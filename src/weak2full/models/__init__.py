@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from weak2full.errors import InvalidInputError
+from weak2full.models._encoder import resolve_encoder_weights
 from weak2full.models.gap_cam import GapCamNet
 from weak2full.models.heatmap import HeatmapNet, MapPooling, heatmap_stride
 from weak2full.models.segmenter import create_segmenter, predict_masks
@@ -37,6 +38,7 @@ __all__ = [
     "save_disabled",
     "load_model",
     "predict_masks",
+    "resolve_encoder_weights",
 ]
 
 

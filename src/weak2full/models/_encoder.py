@@ -10,7 +10,7 @@ from torch import nn
 
 from weak2full.errors import InvalidInputError
 
-__all__ = ["create_encoder", "load_encoder_weights"]
+__all__ = ["create_encoder", "load_encoder_weights", "resolve_encoder_weights"]
 
 
 def create_encoder(name: str, in_channels: int, weights: str | None, out_indices=None) -> nn.Module:
@@ -30,6 +30,19 @@ def create_encoder(name: str, in_channels: int, weights: str | None, out_indices
     return enc
 
 
+def resolve_encoder_weights(value: str | None, pretrained: str | Path | None, key: str) -> str | None:
+    """The file behind a stage's ``encoder_weights``: None, a path, or ``synthetic`` = ``pretrained``
+    (the pretrain stage's output, which dvc.yaml passes to the training stages)."""
+    if value != "synthetic":
+        return value
+    if pretrained is None:
+        raise InvalidInputError(
+            f"{key} is 'synthetic' but no pretrained weights file was given (the stage's --pretrained, "
+            "written by the pretrain stage)."
+        )
+    return str(pretrained)
+
+
 def load_encoder_weights(module: nn.Module, path: str | Path) -> None:
     """Load a local state dict into ``module`` (no network), dropping classifier-head keys it lacks.
 
@@ -45,6 +58,11 @@ def load_encoder_weights(module: nn.Module, path: str | Path) -> None:
         raise InvalidInputError(
             f"encoder_weights file {path} is not a readable torch state dict: {exc}"
         ) from None
+    if isinstance(state, dict) and state.get("arch") == "disabled":  # a marker (pretrain stage switched off)
+        reason = state.get("reason", "it holds no weights")
+        raise InvalidInputError(f"encoder_weights file {path} is a marker: {reason}.")
+    # The pretrain stage records what it trained (encoder, in_channels): named when the weights do not fit.
+    made = state.get("made_for") if isinstance(state, dict) else None
     for key in ("state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
@@ -57,6 +75,7 @@ def load_encoder_weights(module: nn.Module, path: str | Path) -> None:
         module.load_state_dict(state, strict=True)
     except RuntimeError as exc:
         first = str(exc).strip().splitlines()
+        held = f" It holds {made}." if made else ""
         raise InvalidInputError(
-            f"encoder_weights file {path} does not fit the encoder: {' '.join(first[:3])[:400]}"
+            f"encoder_weights file {path} does not fit the encoder: {' '.join(first[:3])[:400]}{held}"
         ) from None
