@@ -130,7 +130,8 @@ def test_ddp_ranks_agree_after_a_step(tmp_path):
     params = [k for k in w0 if w0[k].is_floating_point() and "running" not in k]
     assert all(torch.equal(w0[k], w1[k]) for k in params)
     assert any(not torch.equal(w0[k], initial[k]) for k in params)  # the step did change the weights
-    assert (tmp_path / "live" / "metrics.json").is_file() and not (tmp_path / "state.pt").exists()
+    # rank 0 alone logs and keeps the resume state (the stage removes it once its outputs are written)
+    assert (tmp_path / "live" / "metrics.json").is_file() and (tmp_path / "state.pt").is_file()
 
 
 @pytest.mark.slow
