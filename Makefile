@@ -30,9 +30,10 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"
 
+# `make bench BENCH_ARGS=--quick`: the same figures on smaller sizes (bench/run_all.py).
 bench: $(STAMP)
 	$(PY) -m pip install -q -e '.[bench]'
-	$(PY) bench/run_all.py
+	$(PY) bench/run_all.py $(BENCH_ARGS)
 
 results: $(STAMP)
 	@$(PY) -m weak2full results

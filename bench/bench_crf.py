@@ -1,24 +1,23 @@
-"""Benchmark of the pseudo_masks stage: pool throughput and memory against plain pydensecrf loops.
+"""Benchmark of the pseudo_masks stage: pool throughput against a plain pydensecrf loop, and memory.
 
-    python bench/bench_crf.py                       # 1,000 slices for speed, 1,000 and 10,000 for memory
+    python bench/bench_crf.py                       # 1,000 slices for speed; 1,000 and 20,000 for memory
     python bench/bench_crf.py --speed-slices 200 --memory-slices 200 2000 --workers 2
 
-Synthetic inputs made here: 128x128 HU slices (brain with a bright blob) and 128x128 logit maps with a
-Gaussian bump near it, every slice labelled positive so that every slice runs the CRF; thresholds fixed
-and no annotated slice, so the stage does no calibration and no scoring, only the pooled pass.
+Synthetic inputs (bench/_common.py): 128x128 HU slices and logit maps with a Gaussian bump near a
+bright blob; thresholds fixed and no annotated slice, so the stage does no calibration and no scoring.
 
-* speed: images/s of ``weak2full.pseudo_masks.run`` with P workers (whole stage: HDF5 in and out, pool
-  start included) against a single-process loop calling ``make_pseudo_mask`` on arrays in memory.
-  Target: rate(P) >= 0.8 * P * rate(loop). Also CPU ms per slice summed over all processes (workers
+* speed: every slice positive, so every slice runs the CRF. images/s of ``weak2full.pseudo_masks.run``
+  (whole stage: HDF5 in and out, pool start included) with 1 (inline) and P workers against a
+  single-process loop calling ``make_pseudo_mask`` on arrays in memory. Parallel efficiency =
+  rate(P) / (P x rate(loop)); target >= 0.8. Also CPU ms per slice summed over all processes (workers
   counted once reaped): equal CPU per slice means the pool adds no work, so on P idle cores its rate is
   the loop's times P, whatever a busy machine lets the wall clock show.
-* memory: inputs are made and the stage is run each in a fresh subprocess per size (Linux carries
-  ``ru_maxrss`` across fork+exec, so a child of a process that once held 10,000 slices would report that
-  parent's peak). Reported: the stage process's ``resource.getrusage`` maxrss (and its VmHWM from /proc,
-  the same peak without that inheritance), and the peak of the whole
-  process tree's summed RSS (stage, fork server, workers; sampled from /proc every 50 ms, since pool
-  workers are the fork server's children and never reach RUSAGE_CHILDREN; shared pages count once per
-  process). Target: peak at 10,000 slices within 10% of 1,000.
+* memory: 11% of slices positive (real CT-ICH), as in a real run. Inputs are made and the stage is run
+  each in a fresh process per size (Linux carries ``ru_maxrss`` across fork+exec, so a child of a
+  process that once held 20,000 slices would report that parent's peak). Reported: the stage
+  process's VmHWM, and the peak of the whole process tree's summed RSS (stage and pool workers,
+  sampled every 50 ms; shared pages count once per process). Target: peak at the largest size within
+  10% of the smallest.
 
 Timings on a machine shared with other jobs are contention-bound: the load average is printed with them.
 """
@@ -29,64 +28,22 @@ import argparse
 import json
 import os
 import resource
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 import h5py
 import numpy as np
 
-from weak2full.cams import normalise_cam
-from weak2full.h5 import SCHEMA_VERSION, write_dataset
-from weak2full.params import parse_params
-from weak2full.pseudo_masks import make_pseudo_mask, run
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import load, make_dataset, peak_memory, run_child  # noqa: E402
 
-SIZE = 128
+from weak2full.cams import normalise_cam  # noqa: E402
+from weak2full.params import parse_params  # noqa: E402
+from weak2full.pseudo_masks import make_pseudo_mask, run  # noqa: E402
 
-
-def make_inputs(folder: Path, n: int, seed: int = 0, chunk: int = 500) -> tuple[Path, Path]:
-    """dataset.h5 and cams.h5 with n positive, unannotated train slices (written in chunks)."""
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[:SIZE, :SIZE]
-    image = np.empty((n, SIZE, SIZE), np.int16)
-    mask = np.zeros((n, SIZE, SIZE), np.uint8)
-    cams = folder / "cams.h5"
-    with h5py.File(cams, "w") as f:
-        cam = f.create_dataset("cam", (n, 1, SIZE, SIZE), np.float16, chunks=(1, 1, SIZE, SIZE))
-        f.create_dataset("prob", data=np.ones((n, 1), np.float32))
-        f.attrs.update(kind="cams", schema_version=SCHEMA_VERSION, classes=json.dumps(["any"]))
-        f.attrs.update(method="heatmap", heatmap_size=SIZE, stride=1, normalisation="sigmoid")
-        for start in range(0, n, chunk):
-            stop = min(start + chunk, n)
-            block = np.empty((stop - start, 1, SIZE, SIZE), np.float32)
-            for j, i in enumerate(range(start, stop)):
-                cy, cx, r = rng.integers(30, 98, 2).tolist() + [int(rng.integers(3, 9))]
-                d2 = (yy - cy) ** 2 + (xx - cx) ** 2
-                image[i] = (37 + rng.normal(0, 3, (SIZE, SIZE))).round()
-                image[i][d2 <= r * r] += 18
-                mask[i][d2 <= r * r] = 1
-                oy, ox = rng.normal(0, 2, 2)
-                d2 = (yy - cy - oy) ** 2 + (xx - cx - ox) ** 2
-                block[j, 0] = -6 + 10 * np.exp(-d2 / (2 * (r + 2) ** 2))
-            cam[start:stop] = block
-    write_dataset(
-        folder / "dataset.h5",
-        image=image,
-        patient=np.arange(n, dtype=np.int32) // 32,
-        slice_index=np.arange(n, dtype=np.int32) % 32,
-        label=np.ones((n, 1), np.uint8),
-        mask=mask,
-        has_mask=np.zeros(n, bool),
-        split=np.zeros(n, np.uint8),
-        classes=["any"],
-        mask_classes=["any"],
-        masks_complete=True,
-        source="bench",
-    )
-    return folder / "dataset.h5", cams
+MEMORY_POSITIVE = 0.11
 
 
 def bench_params(workers: int, chunk_size: int):
@@ -108,16 +65,10 @@ def timed(fn, *args) -> tuple[float, float]:
     return time.perf_counter() - t0, _cpu_seconds() - c0
 
 
-def run_stage(folder: Path, dataset: Path, cams: Path, workers: int, chunk_size: int) -> None:
-    """The whole stage, thresholds fixed."""
-    run(
-        bench_params(workers, chunk_size),
-        dataset,
-        cams,
-        folder / f"out-{workers}.h5",
-        folder / "m.json",
-        folder / "c.json",
-    )
+def run_stage(folder: Path, workers: int, chunk_size: int) -> None:
+    """The whole stage on folder/dataset.h5 + folder/cams.h5, thresholds fixed."""
+    run(bench_params(workers, chunk_size), folder / "dataset.h5", folder / "cams.h5",
+        folder / f"out-{workers}.h5", folder / "m.json", folder / "c.json")
 
 
 def plain_loop(images: np.ndarray, cam: np.ndarray) -> None:
@@ -128,75 +79,55 @@ def plain_loop(images: np.ndarray, cam: np.ndarray) -> None:
         make_pseudo_mask(normalise_cam(cam[i], "sigmoid"), label, images[i], pm.fg, pm.bg, pm.crf)
 
 
-def _tree_rss_mib(root: int) -> float:
-    """Summed VmRSS of ``root`` and all its descendants, from /proc (Linux)."""
-    parent, rss = {}, {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            status = Path(f"/proc/{entry}/status").read_text()
-        except OSError:  # the process ended meanwhile
-            continue
-        fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
-        parent[int(entry)] = int(fields["PPid"])
-        rss[int(entry)] = int(fields.get("VmRSS", "0 kB").split()[0])
-    total = 0
-    for pid in rss:
-        p = pid
-        while p > 1 and p != root:
-            p = parent.get(p, 0)
-        total += rss[pid] if p == root else 0
-    return total / 1024
+def speed(n: int, workers: int, chunk_size: int = 256, size: int = 128, cam_size: int = 128) -> dict:
+    """images/s and CPU ms/slice of the plain loop, the stage inline and the stage's pool.
+
+    Maps are ``cam_size`` a side, slices ``size``: the CRF runs at the slice's resolution."""
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        make_dataset(folder / "dataset.h5", n, size, positive_fraction=1.0, with_cams=folder / "cams.h5",
+                     cam_size=cam_size)
+        with h5py.File(folder / "dataset.h5", "r") as d, h5py.File(folder / "cams.h5", "r") as c:
+            images, cam = d["image"][:], c["cam"][:]
+        rows = {
+            "loop": timed(plain_loop, images, cam),
+            "stage_inline": timed(run_stage, folder, 1, chunk_size),
+            "stage_pool": timed(run_stage, folder, workers, chunk_size),
+        }
+        same = (folder / "out-1.h5").read_bytes() == (folder / f"out-{workers}.h5").read_bytes()
+    rate = {k: n / wall for k, (wall, _) in rows.items()}
+    efficiency = rate["stage_pool"] / (workers * rate["loop"])
+    return {
+        "slices": n,
+        "input": size,
+        "map": cam_size,
+        "workers": workers,
+        "img_per_s": rate,
+        "cpu_ms_per_slice": {k: 1000 * cpu / n for k, (_, cpu) in rows.items()},
+        "efficiency": efficiency,
+        "target": 0.8,
+        "met": efficiency >= 0.8,
+        "bytes_identical_1_vs_P": same,
+        "load": load(),
+    }
 
 
-def speed(folder: Path, args) -> None:
-    """Print images/s of the plain loop, the stage inline and the stage's pool on the same inputs."""
-    folder.mkdir()
-    n = args.speed_slices
-    dataset, cams = make_inputs(folder, n)
-    with h5py.File(dataset, "r") as d, h5py.File(cams, "r") as c:
-        images, cam = d["image"][:], c["cam"][:]
-    chunk = args.chunk_size
-    rows = [
-        ("single-process pydensecrf loop", timed(plain_loop, images, cam)),
-        ("stage, workers=1 (inline)", timed(run_stage, folder, dataset, cams, 1, chunk)),
-        (
-            f"stage, workers={args.workers} (pool)",
-            timed(run_stage, folder, dataset, cams, args.workers, chunk),
-        ),
-    ]
-    same = (folder / "out-1.h5").read_bytes() == (folder / f"out-{args.workers}.h5").read_bytes()
-    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
-    print(f"\nspeed, {n} slices of {SIZE}x{SIZE}, {os.cpu_count()} CPUs, load average {load}")
-    print(f"{'what':<34}{'images/s':>10}{'x loop':>8}{'CPU ms/slice':>14}")
-    loop = n / rows[0][1][0]
-    for what, (wall, cpu) in rows:
-        print(f"{what:<34}{n / wall:>10.1f}{n / wall / loop:>8.2f}{1000 * cpu / n:>14.2f}")
-    pool = n / rows[-1][1][0]
-    target = 0.8 * args.workers
-    print(f"target x loop >= {target:.2f}: {'met' if pool / loop >= target else 'NOT met'}")
-    print(f"output bytes workers=1 vs {args.workers}: {'identical' if same else 'DIFFERENT'}", flush=True)
+def _child_run(folder: Path, workers: int, chunk_size: int) -> dict:
+    return peak_memory(run_stage, folder, workers, chunk_size)
 
 
-def child(args) -> None:
-    """Run the stage once in this (fresh) process and print its peak memory as JSON."""
-    folder = Path(args.child)
-    peak, done = [0.0], threading.Event()
-
-    def sample():
-        while not done.wait(0.05):
-            peak[0] = max(peak[0], _tree_rss_mib(os.getpid()))
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    run_stage(folder, folder / "dataset.h5", folder / "cams.h5", args.workers, args.chunk_size)
-    done.set()
-    sampler.join()
-    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-    hwm = [line for line in Path("/proc/self/status").read_text().splitlines() if line.startswith("VmHWM")]
-    hwm_mib = int(hwm[0].split()[1]) / 1024  # this process image's own peak (reset by exec)
-    print(json.dumps({"stage_mib": own, "hwm_mib": hwm_mib, "tree_mib": peak[0]}))
+def memory(sizes: list[int], workers: int, chunk_size: int = 256) -> dict:
+    """Peak memory of the stage (fresh process each) at each number of slices."""
+    rows = []
+    for n in sizes:
+        with tempfile.TemporaryDirectory() as tmp:
+            run_child(__file__, "--make", tmp, str(n))
+            res = run_child(__file__, "--child", tmp, "--workers", str(workers),
+                            "--chunk-size", str(chunk_size))
+            rows.append({"slices": n, **res, "load": load()})
+    growth = {k: rows[-1][k] / rows[0][k] - 1 for k in ("hwm_mib", "tree_mib")}
+    return {"rows": rows, "workers": workers, "positive_fraction": MEMORY_POSITIVE, "growth": growth,
+            "target": 0.10, "met": all(abs(g) <= 0.10 for g in growth.values())}
 
 
 def main() -> None:
@@ -204,40 +135,38 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=os.cpu_count())
     ap.add_argument("--chunk-size", type=int, default=256)
     ap.add_argument("--speed-slices", type=int, default=1000, help="0 skips the speed part")
-    ap.add_argument("--memory-slices", type=int, nargs="*", default=[1000, 10000])
+    ap.add_argument("--memory-slices", type=int, nargs="*", default=[1000, 20000])
     ap.add_argument("--child", help=argparse.SUPPRESS)
-    ap.add_argument("--make", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--make", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.make:
-        make_inputs(Path(args.child), args.make)
+        folder = Path(args.make[0])
+        make_dataset(folder / "dataset.h5", int(args.make[1]), positive_fraction=MEMORY_POSITIVE,
+                     with_cams=folder / "cams.h5")
+        print("{}")
         return
     if args.child:
-        return child(args)
+        print(json.dumps(_child_run(Path(args.child), args.workers, args.chunk_size)))
+        return
 
-    rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-        if args.speed_slices:
-            speed(Path(tmp) / "speed", args)
-
-        for n in args.memory_slices:
-            folder = Path(tmp) / f"mem{n}"
-            folder.mkdir()
-            subprocess.run([sys.executable, __file__, "--child", str(folder), "--make", str(n)], check=True)
-            cmd = [sys.executable, __file__, "--child", str(folder), "--workers", str(args.workers)]
-            cmd += ["--chunk-size", str(args.chunk_size)]
-            t0 = time.perf_counter()
-            res = subprocess.run(cmd, check=True, capture_output=True, text=True)
-            rows.append((n, json.loads(res.stdout.strip().splitlines()[-1]), time.perf_counter() - t0))
-            for f in folder.iterdir():
-                f.unlink()
-    print(f"\npeak memory (maxrss, MiB), workers={args.workers}, chunk_size={args.chunk_size}")
-    print(f"{'slices':>8}{'stage':>10}{'VmHWM':>10}{'all procs':>11}{'seconds':>10}")
-    for n, mem, secs in rows:
-        print(f"{n:>8}{mem['stage_mib']:>10.1f}{mem['hwm_mib']:>10.1f}{mem['tree_mib']:>11.1f}{secs:>10.1f}")
-    if len(rows) >= 2:
-        (n0, m0, _), (n1, m1, _) = rows[0], rows[-1]
-        for key, what in (("hwm_mib", "stage process (VmHWM)"), ("tree_mib", "all processes")):
-            print(f"{what} peak at {n1} vs {n0}: {m1[key] / m0[key] - 1:+.1%} (target within 10%)")
+    if args.speed_slices:
+        s = speed(args.speed_slices, args.workers, args.chunk_size)
+        print(f"\nspeed, {s['slices']} slices of 128x128, {os.cpu_count()} CPUs, load average {s['load']}")
+        print(f"{'what':<22}{'images/s':>10}{'x loop':>8}{'CPU ms/slice':>14}")
+        for k, r in s["img_per_s"].items():
+            print(f"{k:<22}{r:>10.1f}{r / s['img_per_s']['loop']:>8.2f}{s['cpu_ms_per_slice'][k]:>14.2f}")
+        same = "identical" if s["bytes_identical_1_vs_P"] else "DIFFERENT"
+        met = "met" if s["met"] else "NOT met"
+        print(f"parallel efficiency {s['efficiency']:.2f} (target >= 0.8: {met}); "
+              f"output bytes workers=1 vs {args.workers}: {same}")
+    if len(args.memory_slices) >= 2:
+        m = memory(args.memory_slices, args.workers, args.chunk_size)
+        print(f"\npeak memory (MiB), workers={args.workers}, chunk_size={args.chunk_size}")
+        print(f"{'slices':>8}{'VmHWM':>10}{'all procs':>11}{'seconds':>10}")
+        for r in m["rows"]:
+            print(f"{r['slices']:>8}{r['hwm_mib']:>10.1f}{r['tree_mib']:>11.1f}{r['seconds']:>10.1f}")
+        print(f"growth: stage {m['growth']['hwm_mib']:+.1%}, all processes {m['growth']['tree_mib']:+.1%} "
+              f"(target within 10%: {'met' if m['met'] else 'NOT met'})")
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ import torch
 from test_train import tiny_dataset
 
 from weak2full import data, h5, losses, train
-from weak2full.errors import InvalidInputError
+from weak2full.errors import InvalidInputError, InvalidParameterError
 from weak2full.models import create_segmenter, load_model, predict_masks
 
 TINY_SEG = dict(arch="Unet", encoder="resnet18", decoder_channels=[16, 16, 8, 8, 8], batch_size=4,
@@ -88,3 +88,27 @@ def test_segmenter_encoder_weights_file_is_checked(tmp_path):
     missing = tmp_path / "encoder.pth"
     with pytest.raises(InvalidInputError, match="encoder.pth does not exist"):
         create_segmenter("Unet", "resnet18", 3, 1, encoder_weights=str(missing))
+
+
+def test_crop_training_sees_foreground_patches_and_predicts_whole_slices(tmp_path, make_params):
+    ds = tiny_dataset(tmp_path / "dataset.h5")
+    params = make_params(common={"device": "cpu"}, train_oracle={**TINY_SEG, "crop_size": 16})
+    train_set = data.SliceDataset(ds, np.arange(16), params.input, ["any"], "oracle",
+                                  params.train_oracle.augment, crop_size=16)
+    for pos in np.flatnonzero(train_set.positive):
+        x, y = train_set[(int(pos), 7)]
+        assert x.shape == (3, 16, 16) and y.shape == (1, 16, 16)
+        assert y.max() == 1  # the patch of a positive slice holds lesion pixels
+    train.run_oracle(params, ds, tmp_path / "oracle.pt", None)
+    model, _ = load_model(tmp_path / "oracle.pt", arch="segmenter")
+    with h5.DatasetFile(ds) as f:
+        assert predict_masks(model, f, [1], params.input).shape == (1, 1, 32, 32)
+
+
+def test_crop_larger_than_the_slice_or_on_image_labels_is_refused(tmp_path, make_params):
+    ds = tiny_dataset(tmp_path / "dataset.h5")
+    ip, aug = make_params().input, make_params().train_oracle.augment
+    with pytest.raises(InvalidParameterError, match="crop_size parameter \\(64\\).*32x32"):
+        data.SliceDataset(ds, np.arange(4), ip, ["any"], "oracle", aug, crop_size=64)
+    with pytest.raises(ValueError, match="image label"):
+        data.SliceDataset(ds, np.arange(4), ip, ["any"], "label", aug, crop_size=16)

@@ -3,7 +3,9 @@
 Everything here runs at load time, so a window or the channel mode is a parameter, not a re-prepare:
 
 * :func:`window` and :func:`build_channels` turn HU into float32 channels in 0..1 (``input.mode``).
-* :func:`neighbours` finds the previous/next slice of the same patient (edge slices repeat themselves).
+* :func:`neighbours` finds the previous/next slice of the same patient (edge slices repeat themselves);
+  :func:`context_rows` the window of n slices a slice-context network reads, and :func:`model_input`
+  builds a batch either way.
 * :class:`SliceDataset` reads ``dataset.h5`` lazily (one file handle per DataLoader worker, never a
   whole array) and yields ``(x, target)``: image labels for classifiers, per-class masks for segmenters.
 * :func:`make_augmentation` is the CT augmentation (flip, small affine, HU offset and noise), applied to
@@ -23,7 +25,7 @@ import h5py
 import numpy as np
 import torch
 
-from weak2full.errors import InvalidInputError
+from weak2full.errors import InvalidInputError, InvalidParameterError
 from weak2full.h5 import DatasetFile, open_checked
 from weak2full.params import AugmentParams, InputParams
 
@@ -31,6 +33,9 @@ __all__ = [
     "window",
     "build_channels",
     "neighbours",
+    "current_plane",
+    "context_rows",
+    "model_input",
     "mask_targets",
     "make_augmentation",
     "SliceDataset",
@@ -64,6 +69,35 @@ def neighbours(patient: np.ndarray, idx: np.ndarray) -> tuple[np.ndarray, np.nda
     return prev, nxt
 
 
+def context_rows(patient: np.ndarray, idx: np.ndarray, n: int) -> np.ndarray:
+    """Rows of the n-slice window centred on each of ``idx``, (len(idx), n) int64.
+
+    Offsets -(n-1)/2 .. (n-1)/2 within the same patient (rows are contiguous and sorted per patient);
+    past a patient's first or last slice the edge slice repeats, so no window mixes two patients.
+    """
+    idx = np.asarray(idx, dtype=np.int64)
+    half = n // 2
+    out = np.repeat(idx[:, None], n, axis=1)
+    for step in range(1, half + 1):  # walk out from the centre; at a patient's edge, repeat the edge
+        for sign in (-1, 1):
+            inner = out[:, half + sign * (step - 1)]
+            cand = np.clip(inner + sign, 0, len(patient) - 1)
+            out[:, half + sign * step] = np.where(patient[cand] == patient[idx], cand, inner)
+    return out
+
+
+def model_input(images, idx, patient: np.ndarray, input_params: InputParams, context: int = 1) -> np.ndarray:
+    """Network input of dataset rows ``idx``: float32 (n, C, H, W), or (n, T, C, H, W) for ``context`` T > 1
+    (the window of :func:`context_rows`, each slice built like a single one)."""
+    idx = np.asarray(idx, dtype=np.int64)
+    if context <= 1:
+        return build_channels(source_stack(images, idx, patient, input_params.mode), input_params)
+    rows = context_rows(patient, idx, context)
+    planes = source_stack(images, rows.ravel(), patient, input_params.mode)
+    planes = planes.reshape(rows.shape + planes.shape[1:])
+    return build_channels(planes, input_params)
+
+
 def source_stack(images: np.ndarray, idx: np.ndarray, patient: np.ndarray, mode: str) -> np.ndarray:
     """HU planes a sample's channels are built from, float32 (n, P, H, W).
 
@@ -78,6 +112,11 @@ def source_stack(images: np.ndarray, idx: np.ndarray, patient: np.ndarray, mode:
         rows = [prev, idx, nxt]
     planes = [_read_rows(images, r) for r in rows]
     return np.stack(planes, axis=1).astype(np.float32)
+
+
+def current_plane(hu_planes: np.ndarray, mode: str) -> np.ndarray:
+    """The slice itself (n, H, W) among the planes of :func:`source_stack` (``slices``: the middle one)."""
+    return hu_planes[:, 0] if mode == "windows" else hu_planes[:, hu_planes.shape[1] // 2]
 
 
 def build_channels(hu_planes: np.ndarray, input_params: InputParams) -> np.ndarray:
@@ -123,13 +162,16 @@ def check_mask_classes(value_classes: Sequence[str], classes: Sequence[str], whe
         )
 
 
-def make_augmentation(p: AugmentParams) -> A.Compose:
+def make_augmentation(p: AugmentParams, crop_size: int | None = None) -> A.Compose:
     """Geometric CT augmentation on (H, W, P) float32 HU with an (H, W) uint8 mask.
 
     Horizontal flip (heads are roughly left-right symmetric) and a small affine; HU outside the image is
     filled with air and mask with background (nearest-neighbour, so 255 stays 255). The intensity part
-    (HU offset, noise) is :meth:`SliceDataset._intensity`, applied with the same per-sample seed.
+    (HU offset, noise) is applied by :meth:`SliceDataset._augment` with the same per-sample seed.
+    ``crop_size``: then a crop_size x crop_size patch holding a foreground pixel where the mask has one
+    (255, ignore, does not count), anywhere otherwise.
     """
+    crop = [A.CropNonEmptyMaskIfExists(crop_size, crop_size, ignore_values=[255])] if crop_size else []
     return A.Compose(
         [
             A.HorizontalFlip(p=p.hflip),
@@ -143,6 +185,7 @@ def make_augmentation(p: AugmentParams) -> A.Compose:
                 fill_mask=0,
                 p=p.affine,
             ),
+            *crop,
         ],
         seed=0,
     )
@@ -174,6 +217,8 @@ class SliceDataset(torch.utils.data.Dataset):
         targets: str = "label",
         augment: AugmentParams | None = None,
         pseudo_path: str | Path | None = None,
+        crop_size: int | None = None,
+        context_slices: int = 1,
     ):
         if targets not in ("label", "pseudo", "annotated", "oracle"):
             raise ValueError(f"targets must be label, pseudo, annotated or oracle, got {targets!r}")
@@ -185,8 +230,12 @@ class SliceDataset(torch.utils.data.Dataset):
         self.input_params = input_params
         self.classes = list(classes)
         self.targets = targets
+        self.context_slices = context_slices  # > 1: x is the (T, C, H, W) window of a slice-context network
         self.augment = augment
-        self._aug = make_augmentation(augment) if augment is not None else None
+        if crop_size is not None and (targets == "label" or augment is None):
+            raise ValueError("crop_size needs mask targets and augmentation (a crop can cut a lesion out "
+                             "of an image label)")
+        self._aug = make_augmentation(augment, crop_size) if augment is not None else None
         self._file: DatasetFile | None = None
         self._pseudo: h5py.File | None = None
         # Small per-slice vectors are read once here (cheap) so that the sampler can use them.
@@ -195,6 +244,11 @@ class SliceDataset(torch.utils.data.Dataset):
             self.labels = f.labels_for(self.classes)[self.indices].astype(np.float32)
             self.mask_classes = f.mask_classes
             self.image_size = (f.height, f.width)
+            if crop_size is not None and crop_size > min(self.image_size):
+                raise InvalidParameterError(
+                    f"The crop_size parameter ({crop_size}) is larger than the {f.height}x{f.width} slices of "
+                    f"{self.dataset_path}; use at most {min(self.image_size)} or null."
+                )
             if targets == "annotated" and not f.has_mask[self.indices].all():
                 raise InvalidInputError(
                     f"{self.dataset_path}: targets='annotated' asked for slices outside the annotated subset."
@@ -246,10 +300,14 @@ class SliceDataset(torch.utils.data.Dataset):
         pos, seed = item if isinstance(item, tuple) else (item, None)
         row = int(self.indices[pos])
         f = self._open()
-        planes = source_stack(f.h5["image"], np.array([row]), self.patient, self.input_params.mode)[0]
+        t = self.context_slices
+        rows = context_rows(self.patient, np.array([row]), t)[0] if t > 1 else np.array([row])
+        planes = source_stack(f.h5["image"], rows, self.patient, self.input_params.mode)  # (T, P, H, W)
+        planes = planes.reshape((-1,) + planes.shape[2:])  # one geometric transform for the whole window
         mask = self._raw_mask(row)
         if self._aug is not None and seed is not None:
             planes, mask = self._augment(planes, mask, seed)
+        planes = planes.reshape((t, -1) + planes.shape[1:]) if t > 1 else planes
         x = torch.from_numpy(np.ascontiguousarray(build_channels(planes, self.input_params)))
         if self.targets == "label":
             return x, torch.from_numpy(self.labels[pos])

@@ -1,6 +1,6 @@
-"""The project's exceptions. Both subclass ValueError, so callers can catch either."""
+"""The project's exceptions. The first two subclass ValueError, so callers can catch either."""
 
-__all__ = ["InvalidParameterError", "InvalidInputError"]
+__all__ = ["InvalidParameterError", "InvalidInputError", "OutputWriteError"]
 
 
 class InvalidParameterError(ValueError):
@@ -11,4 +11,12 @@ class InvalidInputError(ValueError):
     """A file the user gave (data, HDF5, checkpoint) is missing, malformed or inconsistent.
 
     The message names the file and the problem; no output has been written when this is raised.
+    """
+
+
+class OutputWriteError(OSError):
+    """An output could not be written because the disk is full or a file-size limit was reached.
+
+    The message names the file; the partial temporary file has been removed and the previous output, if
+    any, is unchanged (:func:`weak2full.h5.atomic_output`).
     """

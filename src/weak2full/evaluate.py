@@ -7,7 +7,9 @@ Rows of ``metrics/evaluate.json`` (DESIGN.md's names):
   annotated *val* slices (the same calibration the pseudo-masks get), with ``auroc``/``ap`` of their image
   probabilities on the whole test split beside them;
 * ``pseudo_mask``: the test slices' CAM -> CRF output (255 counts as background);
-* ``segmenter``: the network trained on pseudo-masks, from pixels only, at ``evaluate.threshold``;
+* ``segmenter``: the network trained on pseudo-masks, from pixels only, thresholded at the value that
+  maximises ``dice_pos`` on the annotated val slices (``evaluate.calibrate_threshold``; else at
+  ``evaluate.threshold``);
 * ``oracle``: the same segmenter trained on true masks — the ceiling; absent when switched off;
 * ``weak_over_full`` = segmenter ``dice_pos`` / oracle ``dice_pos``.
 """
@@ -26,7 +28,7 @@ from weak2full import metrics as M
 from weak2full import report
 from weak2full.cams import normalise_cam
 from weak2full.errors import InvalidInputError
-from weak2full.h5 import DatasetFile, _take, atomic_output, open_checked
+from weak2full.h5 import DatasetFile, _take, open_checked, write_json
 from weak2full.params import InputParams, Params
 
 __all__ = ["run", "labels_from_probs"]
@@ -171,21 +173,24 @@ def run(
         # train_oracle.enabled false: its stage wrote a marker checkpoint, and the row is left out.
         networks = [("segmenter", segmenter)] + ([("oracle", oracle)] if params.train_oracle.enabled else [])
         for method, path in networks:
+            t = p.threshold
+            if p.calibrate_threshold:
+                prob_val = _segmenter_probs(Path(path), ds, val, params)
+                t, _ = _threshold_on_val(prob_val.max(1), any_val, p.threshold_grid, p.threshold)
             prob = _segmenter_probs(Path(path), ds, test, params)
-            table[method] = score(labels_from_probs(prob, p.threshold))
-            table[method]["threshold"] = p.threshold
+            table[method] = score(labels_from_probs(prob, t))
+            table[method]["threshold"] = t
             probs_any[method] = prob.max(1)
             curves[method] = M.dice_vs_threshold(probs_any[method], any_test, p.threshold_grid)
-            dice_pos_slices[method] = M.dice_per_slice(probs_any[method] >= p.threshold, any_test)[pos]
+            dice_pos_slices[method] = M.dice_per_slice(probs_any[method] >= t, any_test)[pos]
             if method == "segmenter":
-                seg_pred = probs_any[method] >= p.threshold
+                seg_pred = probs_any[method] >= t
 
         seg, orc = table["segmenter"].get("dice_pos"), table.get("oracle", {}).get("dice_pos")
         table["weak_over_full"] = (seg / orc) if (seg is not None and orc) else None
 
         # -- files
-        with atomic_output(out) as tmp:
-            Path(tmp).write_text(json.dumps(table, indent=2, sort_keys=True) + "\n")
+        write_json(out, table)
         report.write_plots(curves, dice_pos_slices, roc, plots_dir)
         examples = []
         pos_rows = np.flatnonzero(pos)

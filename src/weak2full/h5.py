@@ -19,20 +19,23 @@ complete, so an interrupted stage never leaves a file that DVC or the next stage
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Iterator, Sequence
 
 import h5py
 import numpy as np
 
-from weak2full.errors import InvalidInputError
+from weak2full.errors import InvalidInputError, OutputWriteError
 
 __all__ = [
     "SCHEMA_VERSION",
     "SPLITS",
     "atomic_output",
+    "write_json",
     "open_checked",
     "DatasetFile",
     "truth_mask",
@@ -55,23 +58,97 @@ def atomic_output(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it to ``path`` only if the block succeeds.
 
     On any exception (KeyboardInterrupt and disk-full included) the temporary file is removed and the
-    previous ``path``, if any, is left untouched.
+    previous ``path``, if any, is left untouched; a full disk or a file-size limit becomes an
+    :class:`~weak2full.errors.OutputWriteError` naming ``path``. A process killed outright (SIGKILL, power
+    loss) cannot clean up: its temporary file is removed by the next writer of ``path`` once that
+    process is gone.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temporaries(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         yield tmp
         os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            if tmp.is_dir():
-                import shutil
-
-                shutil.rmtree(tmp)
-            else:
-                tmp.unlink()
+    except BaseException as exc:
+        reason = _out_of_space(exc, tmp)
+        _remove(tmp)
+        if reason is not None:
+            raise OutputWriteError(
+                f"{path}: could not be written ({reason}); nothing was written there (the previous file, "
+                "if any, is unchanged). Free some space, then re-run the stage."
+            ) from exc
         raise
+
+
+def write_json(path: str | Path, obj) -> None:
+    """Write ``obj`` as indented JSON with sorted keys (stable diffs in git and dvc), atomically."""
+    import json
+
+    with atomic_output(path) as tmp:
+        Path(tmp).write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def _remove(path: Path) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+
+
+def _remove_stale_temporaries(path: Path) -> None:
+    """Delete ``.<name>.tmp-<pid>`` left beside ``path`` by writers that were killed (their pid is gone)."""
+    prefix = f".{path.name}.tmp-"
+    for stale in path.parent.iterdir():
+        pid = stale.name[len(prefix):] if stale.name.startswith(prefix) else ""
+        if pid.isdigit() and not _alive(int(pid)):
+            _remove(stale)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+_SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+def _out_of_space(exc: BaseException, tmp: Path) -> str | None:
+    """Why writing ``tmp`` failed when the cause is space (disk full, quota, file-size limit), else None.
+
+    h5py and torch do not always keep the errno (HDF5 puts it in the message; torch's zip writer reports
+    only a short write), so the message, the size limit and the free space are consulted too.
+    """
+    if not isinstance(exc, Exception) or isinstance(exc, ValueError):  # interrupts; the project's own errors
+        return None
+    if isinstance(exc, OSError) and exc.errno in _SPACE_ERRNOS:
+        return os.strerror(exc.errno)
+    text = str(exc)
+    for code in _SPACE_ERRNOS:
+        if f"errno = {code}," in text or os.strerror(code) in text:
+            return os.strerror(code)
+    try:
+        import resource
+
+        limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+        if limit != resource.RLIM_INFINITY and tmp.is_file() and tmp.stat().st_size >= limit:
+            return os.strerror(errno.EFBIG) + f", the limit is {limit} bytes"
+    except (ImportError, OSError):
+        pass
+    try:
+        st = os.statvfs(tmp.parent)
+        free = (st.f_bfree if os.geteuid() == 0 else st.f_bavail) * st.f_frsize
+        if free < 1 << 20:
+            return os.strerror(errno.ENOSPC)
+    except (AttributeError, OSError):
+        pass
+    return None
 
 
 def write_dataset(

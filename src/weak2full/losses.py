@@ -5,15 +5,20 @@
   coarser one, on probabilities);
 * :func:`gap_cam_loss` - multi-label BCE on the GAP logits;
 * :func:`segmentation_loss` - per-pixel BCE + soft Dice over the K sigmoid channels, both ignoring 255.
-  BCE is needed beside Dice: on a batch with no foreground Dice alone has (almost) nothing to push.
+  BCE is needed beside Dice: on a batch with no foreground Dice alone has (almost) nothing to push;
+* :func:`minmax_entropy_loss` - the min-max entropy false-positive control of Belharbi et al. (the map's
+  masked-in image must be classified confidently, its masked-out remainder must leave the classifier
+  uncertain), an optional term of the heatmap classifier's loss.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
-__all__ = ["heatmap_loss", "gap_cam_loss", "segmentation_loss", "consistency"]
+__all__ = ["heatmap_loss", "gap_cam_loss", "segmentation_loss", "consistency", "minmax_entropy_loss"]
 
 IGNORE = 255
 
@@ -63,3 +68,51 @@ def segmentation_loss(logits: torch.Tensor, target: torch.Tensor, dice_weight: f
         dice = (2 * inter + smooth) / (p.sum(dims) + (t * valid).sum(dims) + smooth)
         loss = loss + dice_weight * (1 - dice).mean()
     return loss
+
+
+def _frozen_logits(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Image logits of ``model`` on ``x`` as it stands: eval mode (BatchNorm running statistics, nothing
+    updated) and detached weights, so gradients reach ``x`` only."""
+    params = {name: p.detach() for name, p in model.named_parameters()}
+    was_training = model.training
+    model.eval()
+    try:
+        return torch.func.functional_call(model, params, (x,))["logits"].float()
+    finally:
+        model.train(was_training)
+
+
+def minmax_entropy_loss(model: torch.nn.Module, out: dict, target: torch.Tensor) -> torch.Tensor:
+    """Min-max entropy term for the heatmap network ``model`` whose output on a batch is ``out``.
+
+    After Belharbi, Rony, Dolz, Ben Ayed, McCaffrey, Granger, "Deep interpretable classification and
+    weakly-supervised segmentation of histology images via max-min uncertainty" (IEEE TMI 2022; first as
+    "Weakly supervised localization using min-max entropy: an interpretable framework", arXiv 1907.12934).
+    For every (slice, class k) labelled positive, the soft mask M = sigmoid(map_k) (upsampled to the
+    input) splits the image: x * M must carry the class evidence (low conditional entropy: BCE towards
+    "k present"), x * (1 - M) must not (high entropy: log 2 - H(p), zero at p = 1/2). Negative slices
+    add nothing: they have no evidence to place, and the image BCE already pushes their maps down.
+
+    The paper trains a separate classifier on the masked images; here the judge is the heatmap network
+    itself, frozen for this term (:func:`_frozen_logits`), so the gradient moves only the map and the
+    network cannot learn to read the mask's shape instead of the image. Cost: one more forward and
+    backward pass over twice the batch's positive slices. ``out["input"]`` is the batch (B, C, H, W) or
+    (B, T, C, H, W) with a slice context (the mask applies to every slice of the window).
+    """
+    b, k = torch.nonzero(target > 0.5, as_tuple=True)
+    maps = out["map"]
+    if len(b) == 0:
+        return maps.sum() * 0.0
+    x = out["input"]
+    mask = torch.sigmoid(maps[b, k].float())[:, None]  # (n, 1, s, s)
+    mask = F.interpolate(mask, size=x.shape[-2:], mode="bilinear", align_corners=False)
+    if x.dim() == 5:
+        mask = mask[:, None]
+    xb = x[b].float()
+    logits = _frozen_logits(model, torch.cat([xb * mask, xb * (1.0 - mask)]).to(x.dtype))
+    n = len(b)
+    inside, outside = logits[:n, :][torch.arange(n), k], logits[n:, :][torch.arange(n), k]
+    keep = F.binary_cross_entropy_with_logits(inside, torch.ones_like(inside))
+    p = torch.sigmoid(outside)
+    entropy = -(p * F.logsigmoid(outside) + (1.0 - p) * F.logsigmoid(-outside))  # Bernoulli H(p), nats
+    return keep + (math.log(2.0) - entropy).mean()

@@ -168,6 +168,10 @@ class InputParams(_Section):
     mode: Literal["windows", "slices"] = "windows"
     windows: list[Window] = Field(default_factory=lambda: [(40.0, 80.0), (80.0, 200.0), (600.0, 2800.0)])
     slice_window: Window = (25.0, 130.0)
+    # CT: maps and segmenter masks are kept to the intracranial region found from HU alone
+    # (weak2full.brain), so a peak on a skull fracture, a shortcut of real CT, cannot become a label.
+    # Needs HU data (data.intensity: hu).
+    brain_mask: bool = True
 
     @field_validator("windows")
     @classmethod
@@ -240,6 +244,25 @@ class ClassifierParams(TrainParams):
     consistency_weight: float = Field(0.1, ge=0.0)
     # Checkpoint selection: localisation on annotated val slices (AUROC can be won by shortcuts).
     select_by: Literal["point_acc", "map_dice", "auroc"] = "map_dice"
+    # Published methods as options (docs/METHODS.md has each one's source and measured effect).
+    # pylon: PYLON's decoder (pyramid attention + 1x1-skip upsampling, map at stride 4, upsampled to
+    # heatmap_size by cams; width decoder_channels[0]). The published PYLON also sets pooling: max and
+    # deep_supervision: false.
+    decoder: Literal["unet", "pylon"] = "unet"
+    # gru / attention: fuse the deepest encoder features of context_slices neighbouring slices of the
+    # same patient into the classified slice's (ResNet-LSTM idea); labels and maps stay per slice.
+    slice_context: Literal["none", "gru", "attention"] = "none"
+    context_slices: int = Field(5, ge=3)  # odd: the classified slice and (n-1)/2 on each side
+    # Min-max entropy (Belharbi et al.): the map's masked-in image must be classified confidently, its
+    # masked-out remainder must leave the classifier uncertain. 0 switches it off.
+    minmax_entropy_weight: float = Field(0.0, ge=0.0)
+
+    @field_validator("context_slices")
+    @classmethod
+    def _odd(cls, v):
+        if v % 2 == 0:
+            raise ValueError(f"must be odd (the classified slice in the middle), got {v}")
+        return v
 
 
 class BaselineParams(TrainParams):
@@ -341,6 +364,10 @@ class SegmenterParams(TrainParams):
     # which costs about 1.5x the compute of this narrower one at 128x128).
     decoder_channels: Optional[list[int]] = Field(default_factory=lambda: [128, 64, 32, 16, 16])
     dice_weight: float = Field(1.0, ge=0.0)  # loss = CE/BCE + dice_weight * Dice (ignore 255)
+    # Train on crop_size x crop_size patches (None: whole slices), a window around a foreground pixel on
+    # slices that have one (albumentations' CropNonEmptyMaskIfExists); validation and inference see whole
+    # slices. Patches cost a fraction of a slice, so the same minutes buy several times the steps.
+    crop_size: Optional[int] = Field(None, ge=16)
 
 
 class OracleParams(SegmenterParams):
@@ -439,6 +466,9 @@ class EvaluateParams(_Section):
     """Scoring on the annotated test slices (weak2full.metrics) and the report (weak2full.report)."""
 
     threshold: float = Field(0.5, gt=0.0, lt=1.0)  # probability threshold for segmenter/oracle masks
+    # true: segmenter and oracle thresholds are chosen on the annotated val slices from threshold_grid,
+    # as the maps' are (the same rule for both, so weak_over_full stays fair); false: ``threshold``.
+    calibrate_threshold: bool = True
     # Thresholds of the dice-vs-threshold curves (plots/dice_vs_threshold.csv), the same for every method.
     threshold_grid: list[float] = Field(default_factory=lambda: [round(0.1 * i, 1) for i in range(1, 10)])
     batch_size: int = Field(32, ge=1)
@@ -508,6 +538,15 @@ class Params(_Section):
                                  "from them")
         return self
 
+    @model_validator(mode="after")
+    def _brain_mask_needs_hu(self):
+        if self.input.brain_mask and self.data.intensity != "hu":
+            raise ValueError(
+                "input.brain_mask finds the skull by its Hounsfield units, but data.intensity is "
+                f"'{self.data.intensity}' (not CT): set input.brain_mask to false"
+            )
+        return self
+
 
 def _describe(err: dict[str, Any], owner: Path) -> str:
     key = ".".join(str(p) for p in err["loc"])
@@ -519,7 +558,7 @@ def _describe(err: dict[str, Any], owner: Path) -> str:
     msg = err["msg"]
     if msg.startswith("Value error, "):
         msg = msg[len("Value error, ") :]
-    if not key:  # a rule across sections (Params._same_start): the message says it all
+    if not key:  # a rule across sections (e.g. Params._same_start): the message names the keys
         return f"{owner}: {msg}."
     where = f"The '{key}' parameter"
     return f"{where} in {owner}: {msg}. Got {got!r} instead."

@@ -123,7 +123,7 @@ def assemble(source: Source, size: int) -> Assembled:
         if image.min() < _INT16.min or image.max() > _INT16.max:
             raise InvalidInputError(
                 f"{v.origin}: values {image.min():.0f}..{image.max():.0f} do not fit int16 HU; for MRI set "
-                "data.intensity: percentile."
+                "data.intensity: percentile (and input.brain_mask: false)."
             )
         images.append(image.astype(np.int16))
         masks.append(mask.astype(np.uint8))

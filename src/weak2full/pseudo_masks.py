@@ -19,7 +19,7 @@ import multiprocessing
 import os
 import sys
 from concurrent.futures import ProcessPoolExecutor
-from contextlib import ExitStack
+from contextlib import ExitStack, suppress
 from functools import partial
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
@@ -28,10 +28,11 @@ import h5py
 import numpy as np
 from tqdm import tqdm
 
+from weak2full import distributed
 from weak2full.cams import normalise_cam
 from weak2full.crf import refine, window_u8
 from weak2full.errors import InvalidInputError, InvalidParameterError
-from weak2full.h5 import SCHEMA_VERSION, DatasetFile, atomic_output, open_checked, truth_mask
+from weak2full.h5 import SCHEMA_VERSION, DatasetFile, atomic_output, open_checked, truth_mask, write_json
 from weak2full.params import CRFParams, Params
 
 __all__ = [
@@ -195,6 +196,20 @@ def _crf_fg_task(settings: tuple, item: tuple) -> np.ndarray:
     return _crf_labels(maps, image, crf) > 0
 
 
+def _exit_with_parent(parent: int) -> None:
+    """Pool initializer: on Linux a worker is killed when the stage process dies (SIGKILL included);
+    otherwise workers of a killed stage wait forever on their task queue."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    with suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # the stage died before prctl took effect
+        os._exit(1)
+
+
 class _Pool:
     """``map`` in order, over a process pool (workers > 1) or inline; the results do not depend on which."""
 
@@ -207,7 +222,8 @@ class _Pool:
             # build the pool before opening any HDF5 file: children then inherit no open handle.
             # Elsewhere: spawn.
             method = "fork" if sys.platform.startswith("linux") else "spawn"
-            self._ex = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(method))
+            self._ex = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(method),
+                                           initializer=_exit_with_parent, initargs=(os.getpid(),))
             self._ex.submit(int).result()
 
     def map(self, fn: Callable, items: Sequence) -> Iterator:
@@ -221,9 +237,20 @@ class _Pool:
             self._ex.shutdown(cancel_futures=True)
 
 
-def _chunks(n: int, size: int) -> Iterator[tuple[int, int]]:
-    for start in range(0, n, size):
+def _chunks(n: int, size: int, first: int = 0) -> Iterator[tuple[int, int]]:
+    for start in range(first, n, size):
         yield start, min(start + size, n)
+
+
+def _one_ahead(items: Iterable) -> Iterator:
+    """Yield each item once the next has been drawn: a pool starts a chunk when it is drawn, so the
+    workers compute chunk i+1 while chunk i is written."""
+    pending: collections.deque = collections.deque()
+    for item in items:
+        pending.append(item)
+        if len(pending) > 1:
+            yield pending.popleft()
+    yield from pending
 
 
 def _finite(cam: np.ndarray, path: Path, first: int | np.ndarray) -> np.ndarray:
@@ -464,11 +491,6 @@ def _open_inputs(params: Params, dataset: Path, cams: Path):
     return ds, f, str(normalisation), labels
 
 
-def _write_json(path: Path, obj) -> None:
-    with atomic_output(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=2) + "\n")
-
-
 def _write_plots(folder: Path, cal: dict) -> None:
     """``calibration.csv`` (the search table, for `dvc plots`) and ``calibration.png`` (Dice vs threshold)."""
     cols = ["fg", "bg", "compat", "dice_pos_raw", "dice_pos_crf"]
@@ -522,22 +544,25 @@ def run(
         plots: optional folder: ``calibration.csv`` (the table, for `dvc plots`) and ``calibration.png``.
 
     Slices go through in chunks of ``pseudo_masks.chunk_size`` (two chunks in flight at most), so memory
-    does not grow with N; the output bytes do not depend on ``pseudo_masks.workers``.
-    Returns the metrics dict.
+    does not grow with N; the output bytes do not depend on ``pseudo_masks.workers``. Under torchrun
+    rank 0 calibrates, every rank makes the masks of a chunk-aligned share of the slices (each with its
+    own pool), and rank 0 writes the output and the metrics from the shares: the same bytes.
+    Returns the metrics dict (empty on ranks other than 0).
     """
     pm = params.pseudo_masks
     classes = list(params.common.classes)
     dataset, cams, out = Path(dataset), Path(cams), Path(out)
-    workers = pm.workers or os.cpu_count() or 1
+    workers = pm.workers or distributed.local_cpus()
     with ExitStack() as stack:
-        pool = _Pool(workers)  # first: its workers must not inherit open HDF5 files
+        pool = _Pool(workers)  # first: its workers must not inherit open HDF5 files (nor gloo threads)
         stack.callback(pool.close)
+        distributed.init(backend="gloo")
         ds, cf, normalisation, labels = _open_inputs(params, dataset, cams)
         stack.callback(ds.close)
         stack.callback(cf.close)
         cam_ds = cf["cam"]
 
-        cal = calibrate(params, ds, cam_ds, normalisation, labels, pool, cams)
+        cal = distributed.main_only(calibrate)(params, ds, cam_ds, normalisation, labels, pool, cams)
         if pm.thresholds == "calibrated":
             if cal["val_slices"] == 0:
                 raise InvalidInputError(
@@ -556,6 +581,44 @@ def run(
         variants = ("raw", "crf") if crf.enabled else ("raw",)
         scores = _Scores()
         n, h, w = ds.n, ds.height, ds.width
+        task = partial(_mask_task, settings)
+
+        def computed(first: int, last: int):
+            """(start, stop, cams, masks) per chunk of rows [first, last); the pool starts it when drawn."""
+            for start, stop in _chunks(last, pm.chunk_size, first):
+                cams_chunk = _finite(cam_ds[start:stop], cams, start)
+                items = list(zip(cams_chunk, labels[start:stop], ds.images(slice(start, stop))))
+                yield start, stop, cams_chunk, pool.map(task, items)
+
+        if distributed.world() > 1:  # this rank's share into its part file; rank 0 goes on from them
+            first, last = distributed.shard(n, pm.chunk_size)
+            if last > first:
+                with (
+                    atomic_output(distributed.part_path(out)) as tmp,
+                    h5py.File(tmp, "w") as f,
+                    tqdm(total=last - first, desc="pseudo_masks (rank share)", unit="slice",
+                         disable=not distributed.is_main()) as bar,
+                ):
+                    part = f.create_dataset("mask", (last - first, h, w), np.uint8, chunks=(1, h, w))
+                    for start, stop, _, masks in _one_ahead(computed(first, last)):
+                        part[start - first : stop - first] = np.stack(list(masks))
+                        bar.update(stop - start)
+            distributed.barrier()
+            if not distributed.is_main():
+                return {}
+            for r in range(distributed.world()):
+                stack.callback(distributed.part_path(out, r).unlink, missing_ok=True)
+
+        def merged():
+            """The same chunks from the ranks' part files (cams read only where a slice is scored)."""
+            for r, first, last in distributed.shards(n, pm.chunk_size):
+                if last == first:
+                    continue
+                with h5py.File(distributed.part_path(out, r), "r") as part:
+                    for start, stop in _chunks(last, pm.chunk_size, first):
+                        any_scored = any(sel[start:stop].any() for sel in scored.values())
+                        cams_chunk = cam_ds[start:stop] if any_scored else None
+                        yield start, stop, cams_chunk, part["mask"][start - first : stop - first]
 
         def finish(start: int, stop: int, cams_chunk, masks: Iterable[np.ndarray], f: h5py.File) -> None:
             block = np.stack(list(masks))
@@ -591,17 +654,9 @@ def run(
             f.attrs["crf"] = json.dumps(crf.model_dump(mode="json"), sort_keys=True)
             f.attrs["thresholds"] = pm.thresholds
             progress = stack.enter_context(tqdm(total=n, desc="pseudo_masks", unit="slice"))
-            task = partial(_mask_task, settings)
-            pending: collections.deque = collections.deque()
-            for start, stop in _chunks(n, pm.chunk_size):
-                cams_chunk = _finite(cam_ds[start:stop], cams, start)
-                items = list(zip(cams_chunk, labels[start:stop], ds.images(slice(start, stop))))
-                # Chunk i+1 is read and queued before chunk i is written: the workers never wait on I/O.
-                pending.append((start, stop, cams_chunk, pool.map(task, items)))
-                if len(pending) > 1:
-                    finish(*pending.popleft(), f)
-            while pending:
-                finish(*pending.popleft(), f)
+            # Chunk i+1 is read and queued before chunk i is written: the workers never wait on I/O.
+            for chunk in _one_ahead(computed(0, n) if distributed.world() == 1 else merged()):
+                finish(*chunk, f)
 
             result = {
                 "thresholds": {
@@ -614,8 +669,8 @@ def run(
             }
             for split in scored:
                 result[split] = {v: scores.summary(split, v, keys) for v in variants}
-            _write_json(Path(calibration), {"thresholds": pm.thresholds, **cal})
-            _write_json(Path(metrics), result)
+            write_json(Path(calibration), {"thresholds": pm.thresholds, **cal})
+            write_json(Path(metrics), result)
             if plots is not None:
                 _write_plots(Path(plots), cal)
     return result

@@ -1,14 +1,13 @@
-"""Where and how training runs: device choice, seeding, CPU threads."""
+"""Where and how training runs: device choice, seeding and random states, CPU threads."""
 
 from __future__ import annotations
 
-import os
 import random
 
 import numpy as np
 import torch
 
-__all__ = ["choose_device", "seed_everything", "set_threads"]
+__all__ = ["choose_device", "seed_everything", "rng_state", "set_rng_state", "set_threads"]
 
 
 def choose_device(setting: str = "auto") -> torch.device:
@@ -31,9 +30,38 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def rng_state() -> dict:
+    """Every global random state (Python, NumPy, torch CPU and CUDA) as tensors and plain values, so
+    that a resume checkpoint holding it still loads with ``torch.load(weights_only=True)``."""
+    _, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "gauss": float(gauss)},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    """Restore what :func:`rng_state` captured (a resumed run then draws what the uninterrupted one drew)."""
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    n = state["numpy"]
+    keys = n["keys"].numpy().astype(np.uint32)
+    np.random.set_state(("MT19937", keys, n["pos"], n["has_gauss"], n["gauss"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
 def set_threads(n: int | None = None) -> int:
-    """Intra-op threads for torch on CPU (default: the CPUs this process may use); returns the number."""
+    """Intra-op threads for torch on CPU (default: this process's share of its CPUs); returns the number."""
     if n is None:
-        n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        from weak2full.distributed import local_cpus
+
+        n = local_cpus()  # under torchrun, the ranks on this machine share its CPUs
     torch.set_num_threads(max(1, n))
     return torch.get_num_threads()

@@ -29,11 +29,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from weak2full import losses
+from weak2full import distributed, losses
 from weak2full.cams import NORMALISATION, normalise_cam, predict_cams
 from weak2full.data import BalancedBatchSampler, SliceDataset
 from weak2full.errors import InvalidInputError
-from weak2full.h5 import DatasetFile, atomic_output, truth_mask
+from weak2full.h5 import DatasetFile, atomic_output, truth_mask, write_json
 from weak2full.metrics import dice_per_slice
 from weak2full.models import (
     create_model,
@@ -44,7 +44,7 @@ from weak2full.models import (
     save_disabled,
 )
 from weak2full.params import Params, TrainParams
-from weak2full.runtime import choose_device, seed_everything, set_threads
+from weak2full.runtime import choose_device, rng_state, seed_everything, set_rng_state, set_threads
 
 __all__ = [
     "fit",
@@ -90,15 +90,19 @@ def fit(
 
     ``loss_fn(model_output, target)`` gives the scalar loss; ``validate(model)`` returns a flat dict of
     floats holding ``select_key`` (higher is better), run after every epoch. ``state_path`` keeps the
-    last epoch's full state (model, optimiser, schedule, best so far) so that a rerun with the same
-    params resumes (``p.resume``); it is removed once training finishes. ``live_dir``: dvclive folder.
+    last epoch's full state (model, optimiser, schedule, best so far, random states) so that a rerun with
+    the same params and data resumes (``p.resume``); the caller removes it once its outputs are written,
+    so a kill between the last epoch and the final checkpoint resumes too. ``live_dir``: dvclive folder.
+    Under torchrun each rank trains on its share of every batch (:mod:`weak2full.distributed`).
     """
     cuda = device.type == "cuda"
+    _check_positives(train_set)
     steps = p.steps_per_epoch or max(1, math.ceil(len(train_set) / p.batch_size))
     total = steps * p.epochs
     sampler = BalancedBatchSampler(train_set.positive, p.batch_size, steps, p.positive_fraction, seed)
     loader = torch.utils.data.DataLoader(
-        train_set, batch_sampler=sampler, num_workers=p.num_workers, pin_memory=cuda,
+        train_set, batch_sampler=distributed.ShardedBatches(sampler, p.batch_size),
+        num_workers=p.num_workers, pin_memory=cuda,
         persistent_workers=p.num_workers > 0,
     )
     model.to(device)
@@ -107,33 +111,38 @@ def fit(
     opt = torch.optim.AdamW(model.parameters(), lr=p.lr, weight_decay=p.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(total, int(round(p.warmup_epochs * steps))))
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if (cuda and p.amp) else contextlib.nullcontext()
+    # Under torchrun: DDP for the training forward, validation on rank 0 shared with all, rank 0 writes.
+    net, main = distributed.wrap(model, device), distributed.is_main()
+    validate = distributed.main_only(validate)
 
-    fingerprint = _fingerprint(p, seed, len(train_set), model)
+    fingerprint = _fingerprint(p, seed, len(train_set), model, train_set)
     start_epoch, best_score, best_state, best_metrics = 0, -math.inf, None, {}
     state_path = Path(state_path) if state_path is not None else None
     if p.resume and state_path is not None and state_path.is_file():
-        state = torch.load(state_path, map_location="cpu", weights_only=True)
-        if state.get("fingerprint") == fingerprint:
+        state = _resume_state(state_path, fingerprint, desc)
+        if state is not None:
             model.load_state_dict(state["model"])
             opt.load_state_dict(state["optimizer"])
             sched.load_state_dict(state["scheduler"])
             start_epoch, best_score = state["epoch"] + 1, state["best_score"]
             best_state, best_metrics = state["best_state"], state["best_metrics"]
+            set_rng_state(state["rng"])  # the sampler draws from (seed, epoch): nothing else to restore
             tqdm.write(f"{desc}: resuming after epoch {start_epoch} from {state_path}")
 
-    live = _live(live_dir, resume=start_epoch > 0)
+    live = _live(live_dir if main else None, resume=start_epoch > 0)
     try:
         for epoch in range(start_epoch, p.epochs):
             sampler.set_epoch(epoch)
             model.train()
             running, seen = 0.0, 0
-            bar = tqdm(loader, desc=f"{desc} {epoch + 1}/{p.epochs}", leave=False, unit="step")
+            bar = tqdm(loader, desc=f"{desc} {epoch + 1}/{p.epochs}", leave=False, unit="step",
+                       disable=not main)
             for x, target in bar:
                 x, target = x.to(device, non_blocking=True), target.to(device, non_blocking=True)
-                if cuda and p.channels_last:
+                if cuda and p.channels_last and x.dim() == 4:  # not the (B, T, C, H, W) slice windows
                     x = x.contiguous(memory_format=torch.channels_last)
                 with amp:
-                    loss = loss_fn(model(x), target)
+                    loss = loss_fn(net(x), target)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -147,36 +156,72 @@ def fit(
             if improved:
                 best_score, best_metrics = score, dict(metrics)
                 best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-            tqdm.write(f"{desc} epoch {epoch + 1}/{p.epochs}: loss {running / max(1, seen):.4f} "
-                       + " ".join(f"{k} {v:.3f}" for k, v in metrics.items())
-                       + (" *" if improved else ""))
+            if main:
+                tqdm.write(f"{desc} epoch {epoch + 1}/{p.epochs}: loss {running / max(1, seen):.4f} "
+                           + " ".join(f"{k} {v:.3f}" for k, v in metrics.items())
+                           + (" *" if improved else ""))
             if live is not None:
                 live.log_metric("train/loss", running / max(1, seen))
                 live.log_metric("train/lr", sched.get_last_lr()[0])
                 for k, v in metrics.items():
                     live.log_metric(f"val/{k}", float(v))
                 live.next_step()
-            if state_path is not None:
+            if state_path is not None and main:
                 with atomic_output(state_path) as tmp:
                     torch.save({"fingerprint": fingerprint, "epoch": epoch, "model": model.state_dict(),
                                 "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                                 "best_score": best_score, "best_state": best_state,
-                                "best_metrics": best_metrics}, tmp)
+                                "best_metrics": best_metrics, "rng": rng_state()}, tmp)
         if live is not None:
             for k, v in best_metrics.items():
                 live.summary[f"best/{k}"] = float(v)
     finally:
         if live is not None:
             live.end()
-    if state_path is not None:
-        state_path.unlink(missing_ok=True)
     return best_state, best_metrics
 
 
-def _fingerprint(p: TrainParams, seed: int, n: int, model: torch.nn.Module) -> str:
+def _check_positives(train_set: SliceDataset) -> None:
+    """Refuse a train split where a class has no positive slice: nothing to learn it from."""
+    missing = [c for k, c in enumerate(train_set.classes) if not train_set.labels[:, k].any()]
+    if missing:
+        raise InvalidInputError(
+            f"{train_set.dataset_path}: no positive slice for classes {missing} among the "
+            f"{len(train_set)} train slices; a network cannot learn them (drop them from common.classes)."
+        )
+
+
+def _resume_state(path: Path, fingerprint: str, desc: str) -> dict | None:
+    """The resume state at ``path`` when it belongs to this run (same params, data and network), else None."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - a foreign or damaged file: start over, say why
+        tqdm.write(f"{desc}: not resuming: {path} is unreadable ({str(exc)[:200]}); starting over")
+        return None
+    if not isinstance(state, dict) or state.get("fingerprint") != fingerprint or "rng" not in state:
+        tqdm.write(f"{desc}: not resuming: {path} was made with other params, data or network; starting over")
+        return None
+    return state
+
+
+def _fingerprint(p: TrainParams, seed: int, n: int, model: torch.nn.Module, train_set=None) -> str:
     shapes = [list(v.shape) for v in model.state_dict().values()]
-    blob = json.dumps([p.model_dump(mode="json"), seed, n, shapes], sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()
+    blob = [p.model_dump(mode="json"), seed, n, shapes]
+    if train_set is not None:  # the same params on other data (a re-run prepare) must not resume
+        blob += [train_set.input_params.model_dump(mode="json"), train_set.classes, train_set.targets,
+                 hashlib.sha256(train_set.indices.tobytes()).hexdigest(),
+                 _file_digest(train_set.dataset_path), _file_digest(train_set.pseudo_path)]
+    return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()
+
+
+def _file_digest(path: Path | None) -> str | None:
+    if path is None:
+        return None
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def _live(live_dir, resume: bool):
@@ -305,16 +350,11 @@ def selection_rows(ds: DatasetFile, classes: list[str], ratio: float | None, see
 def _setup(params: Params):
     set_threads()
     seed_everything(params.common.seed)
-    return choose_device(params.common.device)
+    return distributed.init(choose_device(params.common.device))
 
 
 def _state_path(out_model: Path) -> Path:
     return out_model.with_name(f".{out_model.stem}.resume.pt")
-
-
-def _write_json(path: str | Path, obj: dict) -> None:
-    with atomic_output(path) as tmp:
-        Path(tmp).write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
 def _train_classifier(params: Params, arch: str, dataset: str | Path, out_model: str | Path,
@@ -335,13 +375,18 @@ def _train_classifier(params: Params, arch: str, dataset: str | Path, out_model:
     config = model_config(arch, section, ip.in_channels, len(classes), size)
     weights = resolve_encoder_weights(section.encoder_weights, pretrained, f"{name}.encoder_weights")
     model = create_model(arch, config, weights)
-    train_set = SliceDataset(dataset, train_idx, ip, classes, "label", section.augment)
+    context = getattr(model, "context_slices", 1)  # a slice-context network reads windows of slices
+    train_set = SliceDataset(dataset, train_idx, ip, classes, "label", section.augment,
+                             context_slices=context)
     if arch == "heatmap":
         p = section
 
         def loss_fn(out, y):
-            return losses.heatmap_loss(out, y, p.deep_supervision_weight if p.deep_supervision else 0.0,
+            loss = losses.heatmap_loss(out, y, p.deep_supervision_weight if p.deep_supervision else 0.0,
                                        p.consistency_weight if p.deep_supervision else 0.0)
+            if p.minmax_entropy_weight > 0:
+                loss = loss + p.minmax_entropy_weight * losses.minmax_entropy_loss(model, out, y)
+            return loss
     else:
         loss_fn = losses.gap_cam_loss
     eval_bs = params.cams.batch_size
@@ -355,6 +400,8 @@ def _train_classifier(params: Params, arch: str, dataset: str | Path, out_model:
     best, _ = fit(model, train_set, loss_fn, validate, section, select_key=section.select_by,
                   seed=params.common.seed, device=device, live_dir=live_dir,
                   state_path=_state_path(out_model), desc=arch)
+    if not distributed.is_main():  # under torchrun rank 0 alone scores and writes
+        return {}
     model.load_state_dict(best)
     with DatasetFile(dataset) as ds:  # map thresholds calibrated on val, applied to test
         val = classifier_metrics(model, ds, val_idx, ip, classes, arch, heatmap_size, eval_bs, device)
@@ -364,7 +411,8 @@ def _train_classifier(params: Params, arch: str, dataset: str | Path, out_model:
     result = {"val": val, "test": test}
     save_checkpoint(out_model, model, arch, config, classes, input=ip.model_dump(mode="json"),
                     heatmap_size=heatmap_size, selected_by=section.select_by, map_thresholds=thresholds)
-    _write_json(out_metrics, result)
+    write_json(out_metrics, result)
+    _state_path(out_model).unlink(missing_ok=True)  # only now: the outputs are whole
     return result
 
 
@@ -410,9 +458,12 @@ def _train_segmenter(
     best, metrics = fit(model, train_set, loss_fn, validate, section, select_key="dice_pos",
                         seed=params.common.seed, device=device, live_dir=live_dir,
                         state_path=_state_path(out_model), desc=desc)
+    if not distributed.is_main():
+        return metrics
     model.load_state_dict(best)
     save_checkpoint(out_model, model, "segmenter", config, classes, input=ip.model_dump(mode="json"),
                     val=metrics)
+    _state_path(out_model).unlink(missing_ok=True)  # only now: the output is whole
     return metrics
 
 
@@ -422,7 +473,8 @@ def run_segmenter(params: Params, dataset, pseudo, out_model, live_dir="dvclive/
     with DatasetFile(dataset) as ds:
         train_idx = ds.indices("train")
     train_set = SliceDataset(dataset, train_idx, params.input, params.common.classes, "pseudo",
-                             params.train_segmenter.augment, pseudo_path=pseudo)
+                             params.train_segmenter.augment, pseudo_path=pseudo,
+                             crop_size=params.train_segmenter.crop_size)
     section = params.train_segmenter
     return _train_segmenter(params, section, train_set, dataset, out_model, live_dir, "segmenter", pretrained)
 
@@ -433,7 +485,8 @@ def run_oracle(params: Params, dataset, out_model, live_dir="dvclive/train_oracl
     With ``train_oracle.enabled: false`` it writes a marker checkpoint that :func:`load_model` refuses.
     """
     if not params.train_oracle.enabled:
-        save_disabled(out_model, "the oracle is disabled (train_oracle.enabled is false)")
+        if distributed.is_main():
+            save_disabled(out_model, "the oracle is disabled (train_oracle.enabled is false)")
         return {}
     with DatasetFile(dataset) as ds:
         if not ds.masks_complete:
@@ -443,6 +496,6 @@ def run_oracle(params: Params, dataset, out_model, live_dir="dvclive/train_oracl
             )
         train_idx = ds.indices("train")
     train_set = SliceDataset(dataset, train_idx, params.input, params.common.classes, "oracle",
-                             params.train_oracle.augment)
+                             params.train_oracle.augment, crop_size=params.train_oracle.crop_size)
     return _train_segmenter(params, params.train_oracle, train_set, dataset, out_model, live_dir, "oracle",
                             pretrained)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import csv
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -52,6 +52,22 @@ class Source:
     count: int  # number of volumes ``volumes`` will yield (fewer if files turn out unreadable)
     volumes: Iterator[Volume]
     provenance: dict = field(default_factory=dict)
+
+
+def check_inside(root: Path, paths: Iterable[Path]) -> None:
+    """Refuse any file that resolves (through ``..`` or a symbolic link) to a place outside ``root``.
+
+    An importer reads only what lies inside ``data.path``: a link planted in a data folder must not make
+    prepare read, and copy into dataset.h5, some other file of the machine.
+    """
+    base = root.resolve()
+    for path in paths:
+        real = Path(path).resolve()
+        if not real.is_relative_to(base):
+            raise InvalidInputError(
+                f"{path}: resolves to {real}, outside the data root {base} (data.path); every file of a "
+                "source must lie inside its root."
+            )
 
 
 def require_dir(path: Path, what: str) -> Path:

@@ -26,6 +26,7 @@ from weak2full.importers._common import (
     Source,
     Volume,
     binary_mask,
+    check_inside,
     csv_int,
     nifti_header,
     read_axial,
@@ -80,9 +81,11 @@ def volume_files(folder: Path) -> dict[int, Path]:
 def load(root: Path, data) -> Source:
     """Check the CT-ICH layout under ``root`` and return a Source whose volumes load one at a time."""
     csv_path = root / CSV_NAME
+    check_inside(root, [csv_path])
     table = read_diagnosis(csv_path)
     scans = volume_files(require_dir(root / "ct_scans", "CT-ICH keeps its CT volumes in ct_scans/"))
     masks = volume_files(require_dir(root / "masks", "CT-ICH keeps its masks in masks/"))
+    check_inside(root, [*scans.values(), *masks.values()])
 
     if set(table) - set(scans):
         missing = sorted(set(table) - set(scans))

@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image
 
 from weak2full.errors import InvalidInputError
-from weak2full.importers._common import CLASSES, Source, Volume, binary_mask, require_dir
+from weak2full.importers._common import CLASSES, Source, Volume, binary_mask, check_inside, require_dir
 from weak2full.importers.ct_ich import CSV_NAME, read_diagnosis
 
 LEVEL, WIDTH = 40.0, 120.0
@@ -58,10 +58,12 @@ def png_rows(folder: Path) -> dict[int, Path]:
 def load(root: Path, data) -> Source:
     """Check that CSV rows and PNG files match one to one; volumes load one patient at a time."""
     csv_path = root / CSV_NAME
+    check_inside(root, [csv_path])
     table = read_diagnosis(csv_path)
     n_rows = sum(len(t) for t in table.values())
     images = png_rows(require_dir(root / "image", "the CT-ICH PNG export keeps its slices in image/"))
     labels = png_rows(require_dir(root / "label", "the CT-ICH PNG export keeps its masks in label/"))
+    check_inside(root, [*images.values(), *labels.values()])
     for folder, files in (("image", images), ("label", labels)):
         rows = set(range(n_rows))
         if rows - set(files):

@@ -22,7 +22,14 @@ from pathlib import Path
 import numpy as np
 
 from weak2full.errors import InvalidInputError
-from weak2full.importers._common import Source, Volume, nifti_header, read_axial, same_orientation
+from weak2full.importers._common import (
+    Source,
+    Volume,
+    check_inside,
+    nifti_header,
+    read_axial,
+    same_orientation,
+)
 
 _EXT = (".nii.gz", ".nii")
 
@@ -107,6 +114,7 @@ def percentile_scale(volume: np.ndarray, origin: str) -> np.ndarray:
 def load(root: Path, data) -> Source:
     """Pair images with masks, read every mask's values to name the classes, then load volume by volume."""
     pairs = find_pairs(root)
+    check_inside(root, [p for _, image, mask in pairs for p in (image, mask)])
     present = sorted(set().union(*(mask_values(m).tolist() for _, _, m in pairs)) - {0})
     binary = len(present) <= 1
     # A binary mask may use any single value (1, 255): it becomes 1.

@@ -25,7 +25,7 @@ import pydicom
 from tqdm import tqdm
 
 from weak2full.errors import InvalidInputError
-from weak2full.importers._common import CLASSES, Source, Volume, read_csv
+from weak2full.importers._common import CLASSES, Source, Volume, check_inside, read_csv
 
 CSV_NAME = "stage_2_train.csv"
 _ROW_ID = re.compile(r"^(ID_[0-9A-Za-z]+)_(" + "|".join(CLASSES) + r")$")
@@ -103,8 +103,10 @@ def _header(path: Path) -> dict:
 def load(root: Path, data) -> Source:
     """Match CSV and files, read every header, then hand out one series at a time."""
     csv_path = root / CSV_NAME
+    check_inside(root, [csv_path])
     labels = read_labels(csv_path)
     files = find_dicoms(root)
+    check_inside(root, files.values())
     if set(labels) - set(files):
         missing = sorted(set(labels) - set(files))
         raise InvalidInputError(

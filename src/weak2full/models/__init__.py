@@ -48,7 +48,8 @@ def model_config(arch: str, p, in_channels: int, num_classes: int, input_size: i
         return dict(encoder=p.encoder, in_channels=in_channels, num_classes=num_classes,
                     input_size=input_size, heatmap_size=p.heatmap_size,
                     decoder_channels=list(p.decoder_channels), pooling=p.pooling, lse_r=p.lse_r,
-                    topk_fraction=p.topk_fraction, deep_supervision=p.deep_supervision)
+                    topk_fraction=p.topk_fraction, deep_supervision=p.deep_supervision,
+                    decoder=p.decoder, slice_context=p.slice_context, context_slices=p.context_slices)
     if arch == "gap_cam":
         return dict(encoder=p.encoder, in_channels=in_channels, num_classes=num_classes)
     if arch == "segmenter":

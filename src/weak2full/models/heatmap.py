@@ -8,6 +8,11 @@ max or top-k mean), so the same per-pixel logits that localise are the ones the 
 Optional deep supervision puts a 1x1 head on the two coarser decoder outputs (stride 2s and 4s); their
 maps are pooled and trained on the same labels, and a consistency term asks the average-pooled finer map
 to match the next coarser one (:func:`weak2full.losses.heatmap_loss`).
+
+``decoder="pylon"`` swaps the UNet-style decoder for PYLON's (:mod:`weak2full.models.pylon`): its map is
+at stride 4 whatever ``heatmap_size`` is, and the cams stage upsamples it to ``heatmap_size``.
+``slice_context`` ("gru", "attention") takes a window of ``context_slices`` slices, (B, T, C, H, W), and
+fuses their deepest features into the centre slice's (:mod:`weak2full.models.slice_context`).
 """
 
 from __future__ import annotations
@@ -20,6 +25,8 @@ from torch import nn
 
 from weak2full.errors import InvalidParameterError
 from weak2full.models._encoder import create_encoder
+from weak2full.models.pylon import PylonDecoder
+from weak2full.models.slice_context import SliceContext
 
 __all__ = ["HeatmapNet", "MapPooling", "heatmap_stride"]
 
@@ -103,7 +110,10 @@ class HeatmapNet(nn.Module):
     * ``map``: (B, K, S, S) logit maps, S = ``heatmap_size`` = H / stride;
     * ``logits``: (B, K) pooled image logits;
     * ``aux_maps`` / ``aux_logits``: coarser maps (stride 2s, 4s) and their pooled logits, fine to
-      coarse (empty lists without deep supervision).
+      coarse (empty lists without deep supervision);
+    * ``input``: ``x`` itself, the images the maps belong to (the min-max entropy loss masks them).
+
+    With a slice context, x is (B, T, C, H, W), T = ``context_slices``, the centre slice the classified one.
     """
 
     def __init__(
@@ -119,43 +129,77 @@ class HeatmapNet(nn.Module):
         topk_fraction: float = 0.02,
         deep_supervision: bool = True,
         encoder_weights: str | None = None,
+        decoder: str = "unet",
+        slice_context: str = "none",
+        context_slices: int = 1,
     ):
         super().__init__()
-        self.stride = heatmap_stride(input_size, heatmap_size)
+        heatmap_stride(input_size, heatmap_size)  # the size cams writes must fit the input
         self.heatmap_size = heatmap_size
         self.encoder = create_encoder(encoder, in_channels, encoder_weights)
         channels = self.encoder.feature_info.channels()
         reductions = self.encoder.feature_info.reduction()
         self._reductions = list(reductions)
-        deepest = reductions[-1]
-        n_blocks = int(round(math.log2(deepest / self.stride)))
-        skip_of = {r: c for r, c in zip(reductions[:-1], channels[:-1])}
-        self._block_reductions = [deepest // 2 ** (j + 1) for j in range(n_blocks)]
-        blocks, cin = [], channels[-1]
-        for j, red in enumerate(self._block_reductions):
-            cout = decoder_channels[min(j, len(decoder_channels) - 1)]
-            blocks.append(_UpBlock(cin, skip_of.get(red, 0), cout))
-            cin = cout
-        self.blocks = nn.ModuleList(blocks)
-        self.head = nn.Conv2d(cin, num_classes, 1)
-        n_aux = min(AUX_SCALES, n_blocks - 1) if deep_supervision else 0
-        aux_in = [b.convs[-1][0].out_channels for b in blocks[::-1][1 : 1 + n_aux]]  # fine -> coarse
+        self.context_slices = context_slices if slice_context != "none" else 1
+        self.context = (SliceContext(slice_context, channels[-1], context_slices)
+                        if slice_context != "none" else None)
+        self.decoder = decoder
+        if decoder == "pylon":
+            self.pylon = PylonDecoder(channels, reductions, decoder_channels[0])
+            self.stride = self.pylon.stride
+            outs_channels = self.pylon.out_channels  # coarse -> fine
+        elif decoder == "unet":
+            self.stride = heatmap_stride(input_size, heatmap_size)
+            deepest = reductions[-1]
+            n_blocks = int(round(math.log2(deepest / self.stride)))
+            skip_of = {r: c for r, c in zip(reductions[:-1], channels[:-1])}
+            self._block_reductions = [deepest // 2 ** (j + 1) for j in range(n_blocks)]
+            blocks, cin, outs_channels = [], channels[-1], []
+            for j, red in enumerate(self._block_reductions):
+                cout = decoder_channels[min(j, len(decoder_channels) - 1)]
+                blocks.append(_UpBlock(cin, skip_of.get(red, 0), cout))
+                cin = cout
+                outs_channels.append(cout)
+            self.blocks = nn.ModuleList(blocks)
+        else:
+            raise InvalidParameterError(
+                f"The 'train_classifier.decoder' parameter must be unet or pylon. Got {decoder!r} instead."
+            )
+        self.head = nn.Conv2d(outs_channels[-1], num_classes, 1)
+        n_aux = min(AUX_SCALES, len(outs_channels) - 1) if deep_supervision else 0
+        aux_in = outs_channels[::-1][1 : 1 + n_aux]  # fine -> coarse
         self.aux_heads = nn.ModuleList(nn.Conv2d(c, num_classes, 1) for c in aux_in)
         self.pool = MapPooling(pooling, num_classes, lse_r, topk_fraction)
 
+    def _features(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Encoder features of the (centre) slice, the deepest one fused over the slice window."""
+        if self.context is None:
+            return self.encoder(x)
+        if x.dim() != 5 or x.shape[1] != self.context_slices:
+            raise ValueError(
+                f"a slice-context network takes (B, {self.context_slices}, C, H, W), got {tuple(x.shape)}"
+            )
+        b, t = x.shape[:2]
+        feats = [f.unflatten(0, (b, t)) for f in self.encoder(x.flatten(0, 1))]
+        return [f[:, t // 2] for f in feats[:-1]] + [self.context(feats[-1])]
+
     def forward(self, x: torch.Tensor) -> dict:
-        feats = self.encoder(x)
-        by_red = {r: f for r, f in zip(self._reductions[:-1], feats[:-1])}
+        feats = self._features(x)
         h, w = x.shape[-2:]
-        y, outs = feats[-1], []
-        for block, red in zip(self.blocks, self._block_reductions):
-            y = block(y, by_red.get(red), (h // red, w // red))
-            outs.append(y)
-        maps = self.pool.shift(self.head(y))
+        if self.decoder == "pylon":
+            outs = self.pylon(feats)
+        else:
+            by_red = {r: f for r, f in zip(self._reductions[:-1], feats[:-1])}
+            y, outs = feats[-1], []
+            for block, red in zip(self.blocks, self._block_reductions):
+                y = block(y, by_red.get(red), (h // red, w // red))
+                outs.append(y)
+        maps = self.pool.shift(self.head(outs[-1]))
         aux_maps = [self.pool.shift(head(o)) for head, o in zip(self.aux_heads, outs[::-1][1:])]
         return {
             "map": maps,
             "logits": self.pool(maps),
             "aux_maps": aux_maps,
             "aux_logits": [self.pool(m) for m in aux_maps],
+            "input": x,
         }

@@ -13,7 +13,8 @@ import segmentation_models_pytorch as smp
 import torch
 from torch import nn
 
-from weak2full.data import build_channels, source_stack
+from weak2full.brain import intracranial_mask
+from weak2full.data import build_channels, current_plane, source_stack
 from weak2full.errors import InvalidParameterError
 from weak2full.models._encoder import load_encoder_weights
 from weak2full.params import InputParams
@@ -71,7 +72,10 @@ def predict_masks(
         rows = idx[start : start + batch_size]
         planes = source_stack(dataset_file.h5["image"], rows, dataset_file.patient, input_params.mode)
         x = torch.from_numpy(build_channels(planes, input_params)).to(device)
-        out.append(torch.sigmoid(model(x).float()).cpu().numpy())
+        prob = torch.sigmoid(model(x).float()).cpu().numpy()
+        if input_params.brain_mask:  # a bleed lies inside the skull (weak2full.brain)
+            prob *= intracranial_mask(current_plane(planes, input_params.mode))[:, None]
+        out.append(prob)
     if not out:
         return np.zeros((0, 0, dataset_file.height, dataset_file.width), np.float32)
     return np.concatenate(out).astype(np.float32)
