@@ -40,7 +40,6 @@ def pretrained(tmp_path_factory):
     return params, out, result
 
 
-@pytest.mark.slow
 def test_pretraining_saves_encoders_the_classifiers_and_segmenters_load(pretrained):
     params, out, result = pretrained
     ip, size = params.input, params.data.image_size
@@ -62,7 +61,6 @@ def test_pretraining_saves_encoders_the_classifiers_and_segmenters_load(pretrain
             assert own[k].shape == v.shape and torch.equal(own[k], v), k
 
 
-@pytest.mark.slow
 def test_pretraining_loss_falls_and_metrics_are_written(pretrained):
     _, out, result = pretrained
     assert json.loads((out / "pretrain.json").read_text()) == json.loads(json.dumps(result))
@@ -74,7 +72,6 @@ def test_pretraining_loss_falls_and_metrics_are_written(pretrained):
         assert {"val_loss", "dice_pos", "fp_slice_rate"} <= set(r["selected"])
 
 
-@pytest.mark.slow
 def test_synthetic_weights_in_a_mismatched_encoder_name_the_file(pretrained):
     _, out, _ = pretrained
     path = out / "classifier_encoder.pt"  # a timm resnet10t: not the segmenter's resnet18

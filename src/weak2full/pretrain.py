@@ -172,7 +172,9 @@ def _build(params: Params, network: str, in_channels: int, num_classes: int, siz
     """(model, output -> (maps, image logits), the encoder module to save, its name)."""
     if network == "classifier":
         p = params.train_classifier
-        model = create_model("heatmap", model_config("heatmap", p, in_channels, num_classes, size))
+        # One slice at a time: a slice-context module sits after the encoder, and only the encoder is kept.
+        config = {**model_config("heatmap", p, in_channels, num_classes, size), "slice_context": "none"}
+        model = create_model("heatmap", config)
         return model, lambda out: (out["map"], out["logits"]), model.encoder, p.encoder
     p = params.train_segmenter
     kwargs = {"decoder_channels": list(p.decoder_channels)} if p.decoder_channels is not None else {}
