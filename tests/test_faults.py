@@ -24,7 +24,6 @@ import re
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,12 +32,13 @@ from typing import Callable
 import pytest
 import yaml
 
+from test_dvc_e2e import _env  # the same environment as the end-to-end test: PATH, PYTHONPATH=src, git identity
+
 from weak2full.errors import InvalidInputError
 from weak2full.h5 import open_checked
 from weak2full.models import load_model
 
 ROOT = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
 
 pytestmark = pytest.mark.slow
 
@@ -114,18 +114,6 @@ KILLS = [
 
 
 # ------------------------------------------------------------------------------------------ plumbing
-
-
-def _env() -> dict:
-    env = os.environ.copy()
-    env["PATH"] = f"{BIN}{os.pathsep}{env['PATH']}"
-    env["PYTHONPATH"] = "src"  # each repo runs its own copy of the library
-    env["DVC_NO_ANALYTICS"] = "1"
-    env["DVC_SITE_CACHE_DIR"] = str(Path(env.get("TMPDIR", "/tmp")) / "weak2full-dvc-site-cache")
-    for k, v in (("GIT_AUTHOR_NAME", "test"), ("GIT_AUTHOR_EMAIL", "test@localhost"),
-                 ("GIT_COMMITTER_NAME", "test"), ("GIT_COMMITTER_EMAIL", "test@localhost")):
-        env.setdefault(k, v)
-    return env
 
 
 def sh(*cmd: str, cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
