@@ -110,7 +110,8 @@ def _rows(dataset: Path) -> int:
         return int(f["image"].shape[0])
 
 
-def sweep(nets=NETS, sizes=(128, 256), workers=(0, 1, 2), steps: int = 6, slices: int = 256) -> dict:
+def sweep(nets=NETS, sizes=(128, 256), workers=(0, 1, 2), steps: int = 6, slices: int = 256,
+          warmup: int = 2) -> dict:
     """Every (net, size, workers) and, per (net, size), the best number of workers."""
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -118,7 +119,7 @@ def sweep(nets=NETS, sizes=(128, 256), workers=(0, 1, 2), steps: int = 6, slices
             dataset = make_dataset(Path(tmp) / f"d{size}.h5", slices, size, positive_fraction=0.3)
             for net in nets:
                 for w in workers:
-                    rows.append(throughput(net, dataset, size, w, steps))
+                    rows.append(throughput(net, dataset, size, w, steps, warmup))
                     r = rows[-1]
                     print(f"  train {net} {size}^2 workers={w}: {r['img_per_s']:.1f} img/s "
                           f"(load {r['load']})", flush=True)

@@ -41,9 +41,11 @@ from _common import load, machine, make_dataset  # noqa: E402
 
 from weak2full.h5 import atomic_output  # noqa: E402
 
-FULL = dict(cams_slices=256, crf_slices=1000, memory_slices=[1000, 20000], train_steps=4, train_slices=256,
+FULL = dict(cams_slices=256, crf_slices=1000, memory_slices=[1000, 20000], train_steps=4, train_warmup=2,
+            train_slices=256,
             slices_512=32, train_steps_512=2)
-QUICK = dict(cams_slices=64, crf_slices=200, memory_slices=[1000, 5000], train_steps=2, train_slices=64,
+QUICK = dict(cams_slices=64, crf_slices=200, memory_slices=[1000, 5000], train_steps=2, train_warmup=1,
+             train_slices=64,
              slices_512=8, train_steps_512=1)
 
 
@@ -59,7 +61,8 @@ def measure(cfg: dict, workers: int, log) -> dict:
     mem["pseudo_masks"] = bench_crf.memory(cfg["memory_slices"], workers)
     res["memory_growth"] = mem
     log("training throughput")
-    res["train_img_per_s"] = bench_train.sweep(steps=cfg["train_steps"], slices=cfg["train_slices"])
+    res["train_img_per_s"] = bench_train.sweep(steps=cfg["train_steps"], slices=cfg["train_slices"],
+                                               warmup=cfg["train_warmup"])
     log("512^2 with the stride-4 128^2 map")
     best = res["train_img_per_s"]["best"]["classifier_128"]["num_workers"]
     with tempfile.TemporaryDirectory() as tmp:
