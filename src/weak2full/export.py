@@ -15,7 +15,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import subprocess
@@ -27,7 +26,7 @@ import numpy as np
 
 from weak2full import __version__
 from weak2full.errors import InvalidInputError
-from weak2full.h5 import SCHEMA_VERSION, DatasetFile, atomic_output, open_checked
+from weak2full.h5 import SCHEMA_VERSION, DatasetFile, atomic_output, file_sha256, open_checked
 from weak2full.params import Params
 
 __all__ = ["run", "load_pseudo_labels", "PseudoLabels", "CARD_FIELDS"]
@@ -50,14 +49,6 @@ CARD_FIELDS = (
     "quality",
     "files",
 )
-
-
-def _sha256(path: Path, block: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(block):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _git_revision(cwd: Path) -> str:
@@ -110,7 +101,7 @@ def run(
             "provenance": json.loads(data.h5.attrs.get("provenance", "{}")),
             "git_revision": _git_revision(repo_root),
             "params": params.model_dump(mode="json"),
-            "input_sha256": {"dataset.h5": _sha256(Path(dataset)), "pseudo_masks.h5": _sha256(Path(pseudo))},
+            "input_sha256": {"dataset.h5": file_sha256(dataset), "pseudo_masks.h5": file_sha256(pseudo)},
             "n_slices": int(n),
             "n_patients": int(len(np.unique(data.patient))),
             "image_size": [int(data.height), int(data.width)],

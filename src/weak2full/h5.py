@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import json
 import os
 import shutil
@@ -36,6 +37,7 @@ __all__ = [
     "SPLITS",
     "atomic_output",
     "write_json",
+    "file_sha256",
     "open_checked",
     "DatasetFile",
     "truth_mask",
@@ -87,6 +89,15 @@ def write_json(path: str | Path, obj) -> None:
 
     with atomic_output(path) as tmp:
         Path(tmp).write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def file_sha256(path: str | Path, block: int = 1 << 20) -> str:
+    """SHA-256 of a file's bytes, read in blocks (dataset files can be larger than memory)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(block):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def _remove(path: Path) -> None:

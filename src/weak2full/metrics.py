@@ -31,6 +31,7 @@ from weak2full.h5 import truth_mask
 __all__ = [
     "binary_stats",
     "dice_per_slice",
+    "dice_pos_and_fp_rate",
     "iou_per_slice",
     "hd95_per_slice",
     "point_hits",
@@ -118,6 +119,18 @@ def dice_per_slice(pred, truth, ignore=None) -> np.ndarray:
     """
     tp, fp, fn = binary_stats(pred, truth, ignore)
     return _ratio(2 * tp, 2 * tp + fp + fn)
+
+
+def dice_pos_and_fp_rate(pred, truth) -> tuple[float, float]:
+    """One class over a set of slices: ``dice_pos``, the mean Dice over the slices whose truth holds it,
+    and ``fp_slice_rate``, the share of the other slices with any predicted pixel. NaN where there is no
+    such slice. pred, truth bool (N, H, W). The quick pair that model selection needs each epoch.
+    """
+    pos = np.asarray(truth).any(axis=(1, 2))
+    pred = np.asarray(pred)
+    dice = float(dice_per_slice(pred[pos], truth[pos]).mean()) if pos.any() else float("nan")
+    fp = float(pred[~pos].any(axis=(1, 2)).mean()) if (~pos).any() else float("nan")
+    return dice, fp
 
 
 def iou_per_slice(pred, truth, ignore=None) -> np.ndarray:

@@ -44,7 +44,7 @@ from weak2full.data import SliceDataset
 from weak2full.errors import InvalidParameterError
 from weak2full.h5 import DatasetFile, atomic_output, write_dataset
 from weak2full.importers.nifti_folder import percentile_scale
-from weak2full.metrics import dice_per_slice
+from weak2full.metrics import dice_pos_and_fp_rate
 from weak2full.models import create_model, model_config, save_disabled
 from weak2full.params import SYNTHETIC_WEIGHTS, Params, PretrainParams
 from weak2full.runtime import choose_device, seed_everything, set_threads
@@ -209,15 +209,10 @@ def _validate(model, split_out, val_set: SliceDataset, pp: PretrainParams, batch
         preds.append((prob >= 0.5).cpu().numpy())
         truths.append((y == 1).numpy())
     pred, truth = np.concatenate(preds), np.concatenate(truths)
-    dice, fp = [], []
-    for k in range(truth.shape[1]):
-        pos = truth[:, k].any(axis=(1, 2))
-        if pos.any():
-            dice.append(float(dice_per_slice(pred[pos, k], truth[pos, k]).mean()))
-        if (~pos).any():
-            fp.append(float(pred[~pos, k].any(axis=(1, 2)).mean()))
-    dice_pos = float(np.mean(dice)) if dice else 0.0
-    fp_rate = float(np.mean(fp)) if fp else 0.0
+    dice, fp = np.array([dice_pos_and_fp_rate(pred[:, k], truth[:, k]) for k in range(truth.shape[1])]).T
+    # A class with no positive (or no negative) val slice adds nothing; none at all scores 0.
+    dice_pos = float(np.nanmean(dice)) if not np.isnan(dice).all() else 0.0
+    fp_rate = float(np.nanmean(fp)) if not np.isnan(fp).all() else 0.0
     loss = total / max(1, n)
     # The epoch is chosen by the val loss (higher is better for fit): continuous, where Dice and the
     # false-positive rate both sit at 0 while the network still predicts nothing.

@@ -33,8 +33,8 @@ from weak2full import distributed, losses
 from weak2full.cams import NORMALISATION, normalise_cam, predict_cams
 from weak2full.data import BalancedBatchSampler, SliceDataset
 from weak2full.errors import InvalidInputError
-from weak2full.h5 import DatasetFile, atomic_output, truth_mask, write_json
-from weak2full.metrics import dice_per_slice
+from weak2full.h5 import DatasetFile, atomic_output, file_sha256, truth_mask, write_json
+from weak2full.metrics import dice_per_slice, dice_pos_and_fp_rate
 from weak2full.models import (
     create_model,
     resolve_encoder_weights,
@@ -210,18 +210,9 @@ def _fingerprint(p: TrainParams, seed: int, n: int, model: torch.nn.Module, trai
     if train_set is not None:  # the same params on other data (a re-run prepare) must not resume
         blob += [train_set.input_params.model_dump(mode="json"), train_set.classes, train_set.targets,
                  hashlib.sha256(train_set.indices.tobytes()).hexdigest(),
-                 _file_digest(train_set.dataset_path), _file_digest(train_set.pseudo_path)]
+                 *(file_sha256(f) if f is not None else None
+                   for f in (train_set.dataset_path, train_set.pseudo_path))]
     return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()
-
-
-def _file_digest(path: Path | None) -> str | None:
-    if path is None:
-        return None
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _live(live_dir, resume: bool):
@@ -324,10 +315,9 @@ def segmenter_metrics(model, ds: DatasetFile, idx: np.ndarray, input_params, cla
     for k, cls in enumerate(classes):
         if cls != "any" and cls not in ds.mask_classes:
             continue
-        truth, pred = truth_mask(masks, ds.mask_classes, cls), prob[:, k] >= threshold
-        pos = truth.any(axis=(1, 2))
-        dice_pos.append(float(dice_per_slice(pred[pos], truth[pos]).mean()) if pos.any() else float("nan"))
-        fp.append(float(pred[~pos].any(axis=(1, 2)).mean()) if (~pos).any() else float("nan"))
+        dice, rate = dice_pos_and_fp_rate(prob[:, k] >= threshold, truth_mask(masks, ds.mask_classes, cls))
+        dice_pos.append(dice)
+        fp.append(rate)
     return {"dice_pos": _nanmean(dice_pos), "fp_slice_rate": _nanmean(fp)}
 
 
