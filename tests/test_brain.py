@@ -50,6 +50,9 @@ def test_maps_outside_the_brain_become_their_background_level():
 def test_brain_mask_needs_hounsfield_units():
     with pytest.raises(InvalidParameterError, match="input.brain_mask.*percentile"):
         parse_params({"data": {"source": "nifti-folder", "path": "x", "intensity": "percentile"}})
+    with pytest.raises(InvalidParameterError, match="input.skull_strip.*percentile"):
+        parse_params({"data": {"source": "nifti-folder", "path": "x", "intensity": "percentile"},
+                      "input": {"brain_mask": False, "skull_strip": True}})
     parse_params({"data": {"source": "nifti-folder", "path": "x", "intensity": "percentile"},
                   "input": {"brain_mask": False}})
 
@@ -81,3 +84,16 @@ def test_cams_and_segmenter_masks_are_kept_inside_the_skull(tmp_path, make_param
     assert np.array_equal(cam_on[:, 0][brain], cam_off[:, 0][brain])
     assert np.allclose(cam_on[0, 0][~brain[0]], np.median(cam_off[0, 0][brain[0]]))
     assert np.array_equal(seg_on[:, 0][brain], seg_off[:, 0][brain]) and (seg_on[:, 0][~brain] == 0).all()
+
+
+def test_skull_stripping_shows_the_network_only_the_inside_of_the_skull(make_params):
+    from weak2full.data import build_channels
+
+    hu, inside = skull_slice(gap=True)
+    hu[10, 32] = 1500.0  # a bone fragment of the fracture, outside the intracranial region
+    planes = hu[None, None].astype(np.float32)
+    plain = build_channels(planes, make_params().input)[0]
+    stripped = build_channels(planes, make_params(input={"skull_strip": True}).input)[0]
+    brain = intracranial_mask(hu)
+    assert np.array_equal(stripped[:, brain], plain[:, brain])
+    assert (stripped[:, ~brain] == 0).all() and plain[2, 10, 32] > 0  # air in every window

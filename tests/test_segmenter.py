@@ -48,6 +48,20 @@ def test_segmentation_loss_has_gradient_on_an_all_negative_batch():
     assert logits.grad.sum() > 0  # pushes every pixel towards background
 
 
+def test_per_slice_dice_weighs_a_small_lesion_like_a_large_one():
+    # Slice 0: a 4-pixel lesion missed entirely; slice 1: a 400-pixel lesion found. Over the batch the
+    # miss is 1% of the foreground; per slice it is half the Dice term. Negatives add no Dice term.
+    target = torch.zeros(3, 1, 32, 32, dtype=torch.uint8)
+    target[0, 0, :2, :2] = 1
+    target[1, 0, 6:26, 6:26] = 1
+    logits = torch.where(target == 1, 20.0, -20.0).float()
+    logits[0] = -20.0
+    batch = losses.segmentation_loss(logits, target)  # Dice term ~0.005
+    per_slice = losses.segmentation_loss(logits, target, per_slice=True)  # (0.8 + 0.0) / 2
+    assert float(per_slice) - float(batch) == pytest.approx(0.395, abs=0.01)
+    assert float(losses.segmentation_loss(logits[2:], target[2:], per_slice=True)) < 1e-6
+
+
 def test_pseudo_targets_keep_ignore_and_union_any():
     mask = np.array([[0, 1, 2], [255, 0, 2]], np.uint8)
     t = data.mask_targets(mask, ["epidural", "subdural"], ["any", "subdural"])

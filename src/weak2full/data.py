@@ -25,6 +25,7 @@ import h5py
 import numpy as np
 import torch
 
+from weak2full.brain import intracranial_mask
 from weak2full.errors import InvalidInputError, InvalidParameterError
 from weak2full.h5 import DatasetFile, open_checked
 from weak2full.params import AugmentParams, InputParams
@@ -126,6 +127,8 @@ def build_channels(hu_planes: np.ndarray, input_params: InputParams) -> np.ndarr
     previous/current/next slice, each in ``input.slice_window``.
     """
     hu_planes = np.asarray(hu_planes, dtype=np.float32)
+    if input_params.skull_strip:  # outside the skull reads as air in every window (weak2full.brain)
+        hu_planes = np.where(intracranial_mask(hu_planes), hu_planes, AIR_HU).astype(np.float32)
     if input_params.mode == "windows":
         plane = hu_planes[..., 0, :, :]
         return np.stack([window(plane, lv, wd) for lv, wd in input_params.windows], axis=-3)

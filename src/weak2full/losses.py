@@ -50,11 +50,13 @@ def gap_cam_loss(out: dict, target: torch.Tensor) -> torch.Tensor:
 
 
 def segmentation_loss(logits: torch.Tensor, target: torch.Tensor, dice_weight: float = 1.0,
-                      smooth: float = 1.0) -> torch.Tensor:
+                      smooth: float = 1.0, per_slice: bool = False) -> torch.Tensor:
     """BCE + ``dice_weight`` x soft Dice; logits float (B, K, H, W), target uint8 (B, K, H, W) 0/1/255.
 
     Pixels marked 255 contribute to neither term. Dice is computed per class over the whole batch
-    (so a positive slice among negatives still weighs), then averaged over classes.
+    (so a positive slice among negatives still weighs), then averaged over classes. ``per_slice``: Dice
+    per (slice, class) pair holding foreground instead, averaged; this is what ``dice_pos`` scores, and a
+    30-pixel bleed weighs as much as a 600-pixel one instead of a twentieth (negatives: BCE only).
     """
     logits = logits.float()
     valid = (target != IGNORE).float()
@@ -63,10 +65,16 @@ def segmentation_loss(logits: torch.Tensor, target: torch.Tensor, dice_weight: f
     loss = (bce * valid).sum() / valid.sum().clamp_min(1.0)
     if dice_weight > 0:
         p = torch.sigmoid(logits) * valid
-        dims = (0, 2, 3)
+        dims = (2, 3) if per_slice else (0, 2, 3)
         inter = (p * t).sum(dims)
-        dice = (2 * inter + smooth) / (p.sum(dims) + (t * valid).sum(dims) + smooth)
-        loss = loss + dice_weight * (1 - dice).mean()
+        fg = (t * valid).sum(dims)
+        dice = (2 * inter + smooth) / (p.sum(dims) + fg + smooth)
+        if per_slice:
+            has = fg > 0
+            term = (1 - dice)[has].mean() if bool(has.any()) else logits.new_zeros(())
+        else:
+            term = (1 - dice).mean()
+        loss = loss + dice_weight * term
     return loss
 
 

@@ -172,6 +172,10 @@ class InputParams(_Section):
     # (weak2full.brain), so a peak on a skull fracture, a shortcut of real CT, cannot become a label.
     # Needs HU data (data.intensity: hu).
     brain_mask: bool = True
+    # CT: the network sees only the intracranial region (the rest set to air, -1000 HU) in training and
+    # inference alike: skull stripping, so a fracture in the bone cannot become the evidence it learns.
+    # Needs HU data (data.intensity: hu).
+    skull_strip: bool = False
 
     @field_validator("windows")
     @classmethod
@@ -364,6 +368,8 @@ class SegmenterParams(TrainParams):
     # which costs about 1.5x the compute of this narrower one at 128x128).
     decoder_channels: Optional[list[int]] = Field(default_factory=lambda: [128, 64, 32, 16, 16])
     dice_weight: float = Field(1.0, ge=0.0)  # loss = CE/BCE + dice_weight * Dice (ignore 255)
+    # Dice term per slice (what dice_pos scores: small bleeds weigh as much as large) or over the batch.
+    dice_per_slice: bool = False
     # Train on crop_size x crop_size patches (None: whole slices), a window around a foreground pixel on
     # slices that have one (albumentations' CropNonEmptyMaskIfExists); validation and inference see whole
     # slices. Patches cost a fraction of a slice, so the same minutes buy several times the steps.
@@ -540,11 +546,12 @@ class Params(_Section):
 
     @model_validator(mode="after")
     def _brain_mask_needs_hu(self):
-        if self.input.brain_mask and self.data.intensity != "hu":
-            raise ValueError(
-                "input.brain_mask finds the skull by its Hounsfield units, but data.intensity is "
-                f"'{self.data.intensity}' (not CT): set input.brain_mask to false"
-            )
+        for key in ("brain_mask", "skull_strip"):
+            if getattr(self.input, key) and self.data.intensity != "hu":
+                raise ValueError(
+                    f"input.{key} finds the skull by its Hounsfield units, but data.intensity is "
+                    f"'{self.data.intensity}' (not CT): set input.{key} to false"
+                )
         return self
 
 
