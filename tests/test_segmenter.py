@@ -62,6 +62,23 @@ def test_per_slice_dice_weighs_a_small_lesion_like_a_large_one():
     assert float(losses.segmentation_loss(logits[2:], target[2:], per_slice=True)) < 1e-6
 
 
+def test_slice_term_punishes_a_speck_on_a_negative_slice_and_skips_unknown_slices():
+    target = torch.zeros(3, 1, 16, 16, dtype=torch.uint8)
+    target[1, 0, 4:12, 4:12] = 1  # a bleed, found
+    target[2, 0, :4] = 255  # no foreground, but partly ignored: may hold a bleed, so not a negative
+    clean = torch.where(target == 1, 10.0, -10.0).float()
+    speck = clean.clone()
+    speck[0, 0, 8, 8] = 10.0  # one confident pixel on a negative slice
+    plain = float(losses.segmentation_loss(speck, target)) - float(losses.segmentation_loss(clean, target))
+    gated = (float(losses.segmentation_loss(speck, target, slice_weight=1.0))
+             - float(losses.segmentation_loss(clean, target, slice_weight=1.0)))
+    assert plain < 0.1 and gated > 3.0  # per-pixel BCE barely notices; the slice term does
+    unknown = clean.clone()
+    unknown[2, 0, 0, 0] = 10.0  # a speck under the ignore label of the unknown slice
+    assert float(losses.segmentation_loss(unknown, target, slice_weight=1.0)) == pytest.approx(
+        float(losses.segmentation_loss(clean, target, slice_weight=1.0)))
+
+
 def test_pseudo_targets_keep_ignore_and_union_any():
     mask = np.array([[0, 1, 2], [255, 0, 2]], np.uint8)
     t = data.mask_targets(mask, ["epidural", "subdural"], ["any", "subdural"])
@@ -117,6 +134,20 @@ def test_crop_training_sees_foreground_patches_and_predicts_whole_slices(tmp_pat
     model, _ = load_model(tmp_path / "oracle.pt", arch="segmenter")
     with h5.DatasetFile(ds) as f:
         assert predict_masks(model, f, [1], params.input).shape == (1, 1, 32, 32)
+
+
+def test_upsampled_segmenter_works_on_the_enlarged_slice_and_answers_on_its_grid(tmp_path, make_params):
+    seen = []
+    net = create_segmenter("Unet", "resnet18", 3, 1, decoder_channels=[8, 8, 8, 8, 8], upsample=2)
+    net.model.register_forward_pre_hook(lambda _, args: seen.append(tuple(args[0].shape)))
+    assert net(torch.zeros(2, 3, 32, 32)).shape == (2, 1, 32, 32) and seen == [(2, 3, 64, 64)]
+    ds = tiny_dataset(tmp_path / "dataset.h5")
+    params = make_params(common={"device": "cpu"}, train_oracle={**TINY_SEG, "upsample": 2})
+    train.run_oracle(params, ds, tmp_path / "oracle.pt", None)
+    model, ckpt = load_model(tmp_path / "oracle.pt", arch="segmenter")
+    assert ckpt["config"]["upsample"] == 2 and model.factor == 2
+    with h5.DatasetFile(ds) as f:
+        assert predict_masks(model, f, [1, 2], params.input).shape == (2, 1, 32, 32)
 
 
 def test_crop_larger_than_the_slice_or_on_image_labels_is_refused(tmp_path, make_params):

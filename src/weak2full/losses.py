@@ -50,13 +50,16 @@ def gap_cam_loss(out: dict, target: torch.Tensor) -> torch.Tensor:
 
 
 def segmentation_loss(logits: torch.Tensor, target: torch.Tensor, dice_weight: float = 1.0,
-                      smooth: float = 1.0, per_slice: bool = False) -> torch.Tensor:
+                      smooth: float = 1.0, per_slice: bool = False, slice_weight: float = 0.0) -> torch.Tensor:
     """BCE + ``dice_weight`` x soft Dice; logits float (B, K, H, W), target uint8 (B, K, H, W) 0/1/255.
 
     Pixels marked 255 contribute to neither term. Dice is computed per class over the whole batch
     (so a positive slice among negatives still weighs), then averaged over classes. ``per_slice``: Dice
     per (slice, class) pair holding foreground instead, averaged; this is what ``dice_pos`` scores, and a
     30-pixel bleed weighs as much as a 600-pixel one instead of a twentieth (negatives: BCE only).
+    ``slice_weight``: plus BCE between each slice's highest logit and whether it holds foreground (the
+    multiple-instance view of a mask), so a speck on a negative slice costs as much as a missed bleed;
+    slices without foreground but with ignored pixels are left out (they may hold some).
     """
     logits = logits.float()
     valid = (target != IGNORE).float()
@@ -75,6 +78,12 @@ def segmentation_loss(logits: torch.Tensor, target: torch.Tensor, dice_weight: f
         else:
             term = (1 - dice).mean()
         loss = loss + dice_weight * term
+    if slice_weight > 0:
+        peak = logits.masked_fill(valid == 0, -1e4).amax(dim=(2, 3))
+        has = (t * valid).amax(dim=(2, 3))
+        known = (has > 0) | (valid.amin(dim=(2, 3)) > 0)
+        if bool(known.any()):
+            loss = loss + slice_weight * F.binary_cross_entropy_with_logits(peak[known], has[known])
     return loss
 
 

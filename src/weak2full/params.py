@@ -370,10 +370,15 @@ class SegmenterParams(TrainParams):
     dice_weight: float = Field(1.0, ge=0.0)  # loss = CE/BCE + dice_weight * Dice (ignore 255)
     # Dice term per slice (what dice_pos scores: small bleeds weigh as much as large) or over the batch.
     dice_per_slice: bool = False
+    # BCE on each slice's highest logit against "holds foreground": penalises specks on negative slices.
+    slice_weight: float = Field(0.0, ge=0.0)
     # Train on crop_size x crop_size patches (None: whole slices), a window around a foreground pixel on
     # slices that have one (albumentations' CropNonEmptyMaskIfExists); validation and inference see whole
     # slices. Patches cost a fraction of a slice, so the same minutes buy several times the steps.
     crop_size: Optional[int] = Field(None, ge=16)
+    # The network runs on slices enlarged this many times and its logits are pooled back to the slice
+    # grid (weak2full.models.segmenter.Upsampled): more cells per small bleed, upsample^2 x the compute.
+    upsample: int = Field(1, ge=1, le=4)
 
 
 class OracleParams(SegmenterParams):

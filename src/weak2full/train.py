@@ -442,7 +442,8 @@ def _train_segmenter(
             return segmenter_metrics(m, ds, val_idx, ip, classes, eval_bs, device)
 
     def loss_fn(out, y):
-        return losses.segmentation_loss(out, y, section.dice_weight, per_slice=section.dice_per_slice)
+        return losses.segmentation_loss(out, y, section.dice_weight, per_slice=section.dice_per_slice,
+                                       slice_weight=section.slice_weight)
 
     out_model = Path(out_model)
     best, metrics = fit(model, train_set, loss_fn, validate, section, select_key="dice_pos",

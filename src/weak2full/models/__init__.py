@@ -54,8 +54,11 @@ def model_config(arch: str, p, in_channels: int, num_classes: int, input_size: i
         return dict(encoder=p.encoder, in_channels=in_channels, num_classes=num_classes)
     if arch == "segmenter":
         dec = list(p.decoder_channels) if p.decoder_channels is not None else None
-        return dict(arch=p.arch, encoder=p.encoder, in_channels=in_channels, num_classes=num_classes,
-                    decoder_channels=dec)
+        config = dict(arch=p.arch, encoder=p.encoder, in_channels=in_channels, num_classes=num_classes,
+                      decoder_channels=dec)
+        if p.upsample > 1:  # only then, so configs of earlier checkpoints stay what they were
+            config["upsample"] = p.upsample
+        return config
     raise ValueError(f"unknown architecture {arch!r}")
 
 
