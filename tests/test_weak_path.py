@@ -13,7 +13,7 @@ from test_train import HEAT, TINY, tiny_dataset
 
 from weak2full import cams, pseudo_masks, train
 
-SEG = dict(TINY, encoder="resnet18", decoder_channels=[16, 16, 8, 8, 8])
+SEG = dict(TINY, encoder="resnet18", decoder_channels=[16, 16, 8, 8, 8], crop_size=None)
 
 
 def _chain(root, dataset, params):

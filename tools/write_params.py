@@ -58,8 +58,9 @@ CT = {
     "data": {"source": "ct-ich", "path": "data/ct-ich", "image_size": 256},
     "train_classifier": {"heatmap_size": 128, "epochs": 30},
     "baseline_cam": {"epochs": 20},
-    "train_segmenter": {"epochs": 30},
-    "train_oracle": {"epochs": 30},
+    # Slices of 256x256 already give a bleed four times the pixels: whole slices, no upsampling.
+    "train_segmenter": {"epochs": 30, "steps_per_epoch": 40, "crop_size": None, "upsample": 1},
+    "train_oracle": {"epochs": 30, "steps_per_epoch": 40, "crop_size": None, "upsample": 1},
     "export": {"name": "ct-ich-pseudo"},
     "pretrain": {"enabled": True, "volumes": 120,
                  "classifier": {"epochs": 10}, "segmenter": {"epochs": 10}},

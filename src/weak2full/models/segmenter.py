@@ -68,6 +68,10 @@ class Upsampled(nn.Module):
         super().__init__()
         self.model, self.factor = model, int(factor)
 
+    @property
+    def encoder(self) -> nn.Module:  # the smp model's, as for an unwrapped segmenter
+        return self.model.encoder
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         big = F.interpolate(x, scale_factor=self.factor, mode="bilinear", align_corners=False)
         return F.avg_pool2d(self.model(big), self.factor)
