@@ -74,7 +74,8 @@ def segmenter_row(path: Path, threshold: float, ds: DatasetFile) -> dict:
     dice, fp = zip(*(dice_pos_and_fp_rate(prob[:, k] >= threshold,
                                           truth_mask(ds.annotated_masks(idx), ds.mask_classes, cls))
                      for k, cls in enumerate(classes)))
-    return {"dice_pos": float(np.nanmean(dice)), "fp_slice_rate": float(np.nanmean(fp)), "threshold": threshold}
+    return {"dice_pos": float(np.nanmean(dice)), "fp_slice_rate": float(np.nanmean(fp)),
+            "threshold": threshold}
 
 
 def main() -> None:
@@ -90,8 +91,8 @@ def main() -> None:
     args = ap.parse_args()
     params = load_params(args.params)
     if params.data.source != "synthetic":
-        raise SystemExit(f"{args.params}: data.source is {params.data.source!r}; this bench draws a synthetic "
-                         "cohort and needs data.source: synthetic.")
+        raise SystemExit(f"{args.params}: data.source is {params.data.source!r}; this bench draws a "
+                         "synthetic cohort and needs data.source: synthetic.")
     seed = params.common.seed + 101 if args.seed is None else args.seed
     classes = list(params.common.classes)
     chosen = json.loads(args.evaluate.read_text())

@@ -14,8 +14,8 @@ from weak2full import data, h5, losses, train
 from weak2full.errors import InvalidInputError, InvalidParameterError
 from weak2full.models import create_segmenter, load_model, predict_masks
 
-TINY_SEG = dict(arch="Unet", encoder="resnet18", decoder_channels=[16, 16, 8, 8, 8], batch_size=4, crop_size=None,
-                steps_per_epoch=3, epochs=1, augment=dict(affine=0.0))
+TINY_SEG = dict(arch="Unet", encoder="resnet18", decoder_channels=[16, 16, 8, 8, 8], batch_size=4,
+                crop_size=None, steps_per_epoch=3, epochs=1, augment=dict(affine=0.0))
 
 
 def write_pseudo(path, mask: np.ndarray, classes=("any",)):

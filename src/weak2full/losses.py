@@ -50,7 +50,8 @@ def gap_cam_loss(out: dict, target: torch.Tensor) -> torch.Tensor:
 
 
 def segmentation_loss(logits: torch.Tensor, target: torch.Tensor, dice_weight: float = 1.0,
-                      smooth: float = 1.0, per_slice: bool = False, slice_weight: float = 0.0) -> torch.Tensor:
+                      smooth: float = 1.0, per_slice: bool = False,
+                      slice_weight: float = 0.0) -> torch.Tensor:
     """BCE + ``dice_weight`` x soft Dice; logits float (B, K, H, W), target uint8 (B, K, H, W) 0/1/255.
 
     Pixels marked 255 contribute to neither term. Dice is computed per class over the whole batch
