@@ -30,9 +30,8 @@ from pathlib import Path
 import numpy as np
 
 from weak2full import prepare, train
-from weak2full.h5 import DatasetFile, truth_mask
-from weak2full.metrics import dice_pos_and_fp_rate
-from weak2full.models import load_model, predict_masks
+from weak2full.h5 import DatasetFile
+from weak2full.models import load_model
 from weak2full.params import InputParams, load_params
 
 
@@ -68,14 +67,9 @@ def classifier_row(path: Path, method: str, ds: DatasetFile, classes: list[str])
 
 def segmenter_row(path: Path, threshold: float, ds: DatasetFile) -> dict:
     model, ckpt = load_model(path, arch="segmenter")
-    idx = scored_rows(ds)
-    prob = predict_masks(model, ds, idx, InputParams(**ckpt["input"]))
-    classes = list(ckpt["classes"])
-    dice, fp = zip(*(dice_pos_and_fp_rate(prob[:, k] >= threshold,
-                                          truth_mask(ds.annotated_masks(idx), ds.mask_classes, cls))
-                     for k, cls in enumerate(classes)))
-    return {"dice_pos": float(np.nanmean(dice)), "fp_slice_rate": float(np.nanmean(fp)),
-            "threshold": threshold}
+    r = train.segmenter_metrics(model, ds, scored_rows(ds), InputParams(**ckpt["input"]),
+                                list(ckpt["classes"]), threshold=threshold)
+    return {**r, "threshold": threshold}
 
 
 def main() -> None:

@@ -359,7 +359,7 @@ class PseudoMaskParams(_Section):
 
 class SegmenterParams(TrainParams):
     # 480 steps on 64x64 patches (128x128 inside the network, upsample 2): about 1.5x the compute of the
-    # 320 whole-slice steps they replaced, +0.13 dice_pos on 100 held-out patients (docs/METHODS.md).
+    # 320 whole-slice steps they replaced, +0.13 dice_pos on 100 held-out patients (docs/TUNING.md).
     epochs: int = Field(4, ge=1)
     steps_per_epoch: Optional[int] = Field(120, ge=1)
     lr: float = Field(2e-3, gt=0.0)

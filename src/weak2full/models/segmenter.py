@@ -59,7 +59,7 @@ class Upsampled(nn.Module):
     """An smp model run on its input enlarged ``factor`` times (bilinear); logits average-pooled back.
 
     Input and output keep the slice's grid, so losses, crops, masks and metrics are unchanged. Why: at
-    128x128 a third of the positive slices hold a bleed under 30 pixels, which the encoder's stride-2
+    128x128 a quarter of the positive slices hold a bleed under 30 pixels, which the encoder's stride-2
     stem and stride-4 first stage blur into one or two cells; the enlarged slice gives the network's
     skips twice the cells per bleed, at four times the compute per pixel.
     """
