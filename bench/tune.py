@@ -73,8 +73,10 @@ def main() -> None:
     ap.add_argument("--patients", type=int, default=100)
     ap.add_argument("--cache", type=Path, default=Path("data/heldout"))
     args = ap.parse_args()
-    params = with_overrides(load_params(args.params), args.sets)
-    path = cohort(params, args.patients, params.common.seed + 101, args.cache)
+    base = load_params(args.params)
+    params = with_overrides(base, args.sets)
+    # The cohort follows the params file's seed, so `--set common.seed=N` changes only the training seed.
+    path = cohort(params, args.patients, base.common.seed + 101, args.cache)
     classes = list(params.common.classes)
     row: dict = {"network": args.network, "set": args.sets}
     with tempfile.TemporaryDirectory() as tmp:

@@ -8,6 +8,7 @@ import pickle
 import numpy as np
 import pytest
 import torch
+from scipy import ndimage as ndi
 
 from weak2full import data, h5, losses, train
 from weak2full.models import create_heatmap, load_model
@@ -109,8 +110,9 @@ def test_classifier_stage_is_reproducible_and_writes_outputs(tiny, tmp_path, mak
     assert ckpt["classes"] == ["any"] and model(torch.zeros(1, 3, 32, 32))["map"].shape == (1, 1, 32, 32)
 
 
-def test_resume_continues_from_the_last_epoch(tiny, tmp_path, make_params, capsys):
-    params = make_params(common={"device": "cpu"}, baseline_cam={**TINY, "epochs": 2})
+@pytest.mark.parametrize("ema_decay", [0.0, 0.9])
+def test_resume_continues_from_the_last_epoch(tiny, tmp_path, make_params, capsys, ema_decay):
+    params = make_params(common={"device": "cpu"}, baseline_cam={**TINY, "epochs": 2, "ema_decay": ema_decay})
     full = train.run_baseline(params, tiny, tmp_path / "full.pt", tmp_path / "full.json", None)
 
     class Stop(Exception):
@@ -138,3 +140,42 @@ def test_resume_continues_from_the_last_epoch(tiny, tmp_path, make_params, capsy
     wf, wr = (torch.load(tmp_path / f"{n}.pt", weights_only=True)["state_dict"] for n in ("full", "r"))
     assert all(torch.allclose(wf[k].float(), wr[k].float()) for k in wf)
     assert resumed["test"]["auroc"] == pytest.approx(full["test"]["auroc"])
+
+
+def test_ema_weights_are_the_ones_selected_and_saved(tiny, tmp_path, make_params):
+    # The same steps with and without the moving average: the raw weights are identical, so the saved
+    # checkpoints differ only by the averaging, and the averaged one sits between start and end.
+    runs = {}
+    for decay in (0.0, 0.9):
+        section = {**TINY, "epochs": 1, "steps_per_epoch": 4, "ema_decay": decay}
+        params = make_params(common={"device": "cpu"}, baseline_cam=section)
+        train.run_baseline(params, tiny, tmp_path / f"{decay}.pt", tmp_path / f"{decay}.json", None)
+        runs[decay] = torch.load(tmp_path / f"{decay}.pt", weights_only=True)["state_dict"]
+    weights = [k for k, v in runs[0.0].items() if v.is_floating_point() and "bn" not in k]
+    assert any(not torch.equal(runs[0.0][k], runs[0.9][k]) for k in weights)
+    from weak2full.models import create_model, model_config
+    from weak2full.runtime import seed_everything
+
+    seed_everything(params.common.seed)  # as the stage does before building the network
+    start = create_model("gap_cam", model_config("gap_cam", params.baseline_cam, 3, 1, 32), None).state_dict()
+    moved_raw = sum(float((runs[0.0][k] - start[k]).norm()) for k in weights)
+    moved_ema = sum(float((runs[0.9][k] - start[k]).norm()) for k in weights)
+    assert 0 < moved_ema < moved_raw
+
+
+def test_skull_gap_cuts_one_thin_line_through_the_bone_only():
+    size = 64
+    yy, xx = np.mgrid[:size, :size]
+    r = np.hypot(yy - 32, xx - 32)
+    hu = np.full((2, size, size), -1000.0, np.float32)
+    hu[:, r < 26] = 1200.0  # skull
+    hu[:, r < 23] = 35.0  # brain
+    out = data.skull_gap(hu, np.random.default_rng(0))
+    changed = out != hu
+    assert changed.any() and (changed[0] == changed[1]).all()  # the same line on every plane
+    assert (hu[changed] == 1200.0).all() and (out[changed] == data.SOFT_TISSUE_HU).all()  # bone only
+    assert changed[0].sum() <= 3 * 2  # about the skull's thickness times the line's width
+    # Cut through: inside and outside of the skull were apart, now they meet.
+    assert ndi.label(hu[0] < 250)[1] == 2 and ndi.label(out[0] < 250)[1] == 1
+    brainless = np.full((1, size, size), 35.0, np.float32)
+    assert data.skull_gap(brainless, np.random.default_rng(0)) is brainless  # no bone, nothing to cut

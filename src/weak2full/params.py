@@ -205,6 +205,9 @@ class AugmentParams(_Section):
     shift: float = Field(0.05, ge=0.0, lt=0.5)  # +- fraction of the side
     intensity_hu: float = Field(3.0, ge=0.0)  # +- HU offset added before windowing
     noise_hu: float = Field(2.0, ge=0.0)  # std of extra Gaussian noise in HU
+    # Probability of cutting a fracture-like gap through the skull at a random angle (data.skull_gap):
+    # fractures accompany bleeds, and a classifier learns to point at them; gaps on any slice break that.
+    skull_gap: float = Field(0.0, ge=0.0, le=1.0)
 
 
 class TrainParams(_Section):
@@ -227,6 +230,10 @@ class TrainParams(_Section):
     # val negatives per positive, drawn once with the seed (None: every annotated val slice). The final
     # metrics always use whole splits.
     val_negative_ratio: Optional[float] = Field(4.0, ge=0.0)
+    # Exponential moving average of the weights (timm's ModelEmaV3, with its warm-up): validated, selected
+    # and saved in place of the raw weights, which a few hundred noisy steps leave far from settled.
+    # 0 turns it off.
+    ema_decay: float = Field(0.0, ge=0.0, lt=1.0)
 
 
 class ClassifierParams(TrainParams):
@@ -486,6 +493,9 @@ class EvaluateParams(_Section):
     threshold_grid: list[float] = Field(default_factory=lambda: [round(0.1 * i, 1) for i in range(1, 10)])
     batch_size: int = Field(32, ge=1)
     report_examples: int = Field(3, ge=1)  # overlays for best, median, worst (this many each)
+    # The ``cascade`` row gates the segmenter with the heatmap classifier's slice probability: the
+    # strictest gate that keeps this share of the segmenter's val dice_pos (1.0: no bleed given up).
+    cascade_keep_dice: float = Field(0.95, ge=0.0, le=1.0)
 
     @field_validator("threshold_grid")
     @classmethod

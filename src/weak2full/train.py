@@ -27,6 +27,7 @@ from typing import Callable
 
 import numpy as np
 import torch
+from timm.utils import ModelEmaV3
 from tqdm import tqdm
 
 from weak2full import distributed, losses
@@ -115,6 +116,9 @@ def fit(
     net, main = distributed.wrap(model, device), distributed.is_main()
     validate = distributed.main_only(validate)
 
+    ema = ModelEmaV3(model, decay=p.ema_decay, use_warmup=True) if p.ema_decay > 0 else None
+    scored = ema.module if ema is not None else model  # what is validated, selected and returned
+
     fingerprint = _fingerprint(p, seed, len(train_set), model, train_set)
     start_epoch, best_score, best_state, best_metrics = 0, -math.inf, None, {}
     state_path = Path(state_path) if state_path is not None else None
@@ -124,6 +128,8 @@ def fit(
             model.load_state_dict(state["model"])
             opt.load_state_dict(state["optimizer"])
             sched.load_state_dict(state["scheduler"])
+            if ema is not None:
+                ema.module.load_state_dict(state["ema"])
             start_epoch, best_score = state["epoch"] + 1, state["best_score"]
             best_state, best_metrics = state["best_state"], state["best_metrics"]
             set_rng_state(state["rng"])  # the sampler draws from (seed, epoch): nothing else to restore
@@ -147,15 +153,17 @@ def fit(
                 loss.backward()
                 opt.step()
                 sched.step()
+                if ema is not None:
+                    ema.update(model, step=sched.last_epoch)  # LambdaLR counts optimiser steps
                 running += float(loss.detach())
                 seen += 1
                 bar.set_postfix(loss=f"{running / seen:.4f}")
-            metrics = validate(model)
+            metrics = validate(scored)
             score = float(metrics[select_key])
             improved = score > best_score or best_state is None
             if improved:
                 best_score, best_metrics = score, dict(metrics)
-                best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+                best_state = {k: v.detach().cpu().clone() for k, v in scored.state_dict().items()}
             if main:
                 tqdm.write(f"{desc} epoch {epoch + 1}/{p.epochs}: loss {running / max(1, seen):.4f} "
                            + " ".join(f"{k} {v:.3f}" for k, v in metrics.items())
@@ -171,7 +179,8 @@ def fit(
                     torch.save({"fingerprint": fingerprint, "epoch": epoch, "model": model.state_dict(),
                                 "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                                 "best_score": best_score, "best_state": best_state,
-                                "best_metrics": best_metrics, "rng": rng_state()}, tmp)
+                                "best_metrics": best_metrics, "rng": rng_state(),
+                                "ema": ema.module.state_dict() if ema is not None else None}, tmp)
         if live is not None:
             for k, v in best_metrics.items():
                 live.summary[f"best/{k}"] = float(v)
