@@ -71,8 +71,10 @@ def test_first_repro_writes_every_output(repo):
                 "metrics/evaluate.json", "reports/index.html"):
         assert (repo / rel).is_file(), rel
     metrics = json.loads((repo / "metrics/evaluate.json").read_text())
-    for method in ("gap_cam", "heatmap", "pseudo_mask", "segmenter", "oracle"):
+    for method in ("gap_cam", "heatmap", "pseudo_mask", "segmenter", "cascade", "oracle"):
         assert "dice_pos" in metrics[method], method
+    assert metrics["cascade"]["threshold"] == metrics["segmenter"]["threshold"]
+    assert metrics["cascade"]["fp_slice_rate"] <= metrics["segmenter"]["fp_slice_rate"]
     assert "weak_over_full" in metrics
 
 

@@ -241,3 +241,22 @@ def test_evaluate_threshold_grid_is_validated(grid, message):
 
     with pytest.raises(InvalidParameterError, match="The 'evaluate.threshold_grid' parameter .*" + message):
         parse_params({"evaluate": {"threshold_grid": grid}})
+
+
+def test_cascade_gate_is_the_strictest_that_keeps_the_val_dice():
+    from weak2full.evaluate import _gate_on_val
+
+    truth = np.zeros((4, 8, 8), bool)
+    truth[0, 2:4, 2:4] = truth[1, 5:7, 5:7] = True
+    pred = truth.copy()  # both bleeds found exactly ...
+    pred[2, 0, 0] = pred[3, 7, 7] = True  # ... and a speck on each negative slice
+    slice_prob = np.array([0.95, 0.9, 0.05, 0.3])
+    # Any gate in (0.3, 0.9] clears both negatives and keeps both bleeds; 0.9 is the strictest.
+    assert _gate_on_val(pred, slice_prob, truth, 1.0) == (0.9, {"dice_pos": 1.0, "fp_slice_rate": 0.0})
+    # A bleed the classifier doubts (0.2): keeping all the Dice keeps the 0.3 speck too ...
+    doubted = np.array([0.95, 0.2, 0.05, 0.3])
+    assert _gate_on_val(pred, doubted, truth, 1.0) == (0.2, {"dice_pos": 1.0, "fp_slice_rate": 0.5})
+    # ... while giving up half of it buys clean negatives.
+    assert _gate_on_val(pred, doubted, truth, 0.5) == (0.95, {"dice_pos": 0.5, "fp_slice_rate": 0.0})
+    # No positive slice on val: nothing to keep, no gate.
+    assert _gate_on_val(pred[2:], slice_prob[2:], truth[2:], 0.95) == (0.0, {})

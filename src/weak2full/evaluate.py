@@ -10,6 +10,10 @@ Rows of ``metrics/evaluate.json`` (DESIGN.md's names):
 * ``segmenter``: the network trained on pseudo-masks, from pixels only, thresholded at the value that
   maximises ``dice_pos`` on the annotated val slices (``evaluate.calibrate_threshold``; else at
   ``evaluate.threshold``);
+* ``cascade``: the segmenter's mask kept only on slices whose image probability from the heatmap
+  classifier reaches a gate calibrated on the annotated val slices (the usual screening cascade: it
+  trades a few missed bleeds for clean negative slices): the strictest gate that keeps
+  ``evaluate.cascade_keep_dice`` of the segmenter's val ``dice_pos`` (:func:`_gate_on_val`);
 * ``oracle``: the same segmenter trained on true masks — the ceiling; absent when switched off;
 * ``weak_over_full`` = segmenter ``dice_pos`` / oracle ``dice_pos``.
 """
@@ -75,6 +79,30 @@ def _threshold_on_val(prob_any_val: np.ndarray, truth_any_val: np.ndarray, grid:
     return float(best["threshold"]), curve
 
 
+def _gate_on_val(pred_val: np.ndarray, slice_prob_val: np.ndarray, truth_val: np.ndarray,
+                 keep_dice: float) -> tuple[float, dict]:
+    """The cascade's gate on the classifier's slice probability, chosen on val.
+
+    ``pred_val``: the segmenter's (n, H, W) foreground; ``slice_prob_val``: (n,) the classifier's
+    probability that the slice holds a bleed; ``truth_val``: (n, H, W) true foreground. Every operating
+    point of the classifier is a candidate (0: no gate). Raising the gate can only lower both
+    ``dice_pos`` (a gated-away bleed scores 0) and ``fp_slice_rate``, so the answer is the highest gate
+    whose ``dice_pos`` is still ``keep_dice`` times the ungated one. Returns the gate and its val scores.
+    """
+    pos = truth_val.any(axis=(1, 2))
+    if not pos.any() or pos.all():
+        return 0.0, {}
+    dice = M.dice_per_slice(pred_val[pos], truth_val[pos])
+    fires = pred_val[~pos].any(axis=(1, 2))
+    gates = np.unique(np.concatenate([[0.0], slice_prob_val]))
+    kept_pos = slice_prob_val[pos][None, :] >= gates[:, None]  # (gates, positive slices)
+    kept_neg = slice_prob_val[~pos][None, :] >= gates[:, None]
+    dice_pos = (dice[None, :] * kept_pos).mean(axis=1)
+    fp = (fires[None, :] & kept_neg).mean(axis=1)
+    best = int(np.flatnonzero(dice_pos >= keep_dice * dice_pos[0] - 1e-12).max())
+    return float(gates[best]), {"dice_pos": float(dice_pos[best]), "fp_slice_rate": float(fp[best])}
+
+
 def _segmenter_probs(path: Path, ds: DatasetFile, idx: np.ndarray, params: Params):
     """(n, K, H, W) probabilities of a trained segmenter on dataset rows ``idx``."""
     from weak2full.models import load_model
@@ -129,6 +157,7 @@ def run(
         dice_pos_slices: dict = {}
         roc: dict = {}
         probs_any: dict = {}
+        image_probs: dict = {}  # the classifiers' (n_slices, K) image probabilities, every row
         maps_for_report = None
         pos = any_test.any(axis=(1, 2))
         all_test = ds.indices("test")
@@ -144,7 +173,7 @@ def run(
                 t, _ = _threshold_on_val(prob_val.max(1), any_val, p.threshold_grid, p.threshold)
                 row = score(labels_from_probs(prob_test, t), heatmap=maps_test)
                 row["threshold"] = t
-                image_prob = f["prob"][:]
+                image_prob = image_probs[method] = f["prob"][:]
                 cls_metrics = M.classification_metrics(image_prob[all_test], ds.labels_for(classes)[all_test],
                                                         classes)
                 row["auroc"], row["ap"] = cls_metrics["auroc"], cls_metrics["ap"]
@@ -174,8 +203,9 @@ def run(
         networks = [("segmenter", segmenter)] + ([("oracle", oracle)] if params.train_oracle.enabled else [])
         for method, path in networks:
             t = p.threshold
+            gated = method == "segmenter"  # the cascade row needs its val probabilities too
+            prob_val = _segmenter_probs(Path(path), ds, val, params) if p.calibrate_threshold or gated else None
             if p.calibrate_threshold:
-                prob_val = _segmenter_probs(Path(path), ds, val, params)
                 t, _ = _threshold_on_val(prob_val.max(1), any_val, p.threshold_grid, p.threshold)
             prob = _segmenter_probs(Path(path), ds, test, params)
             table[method] = score(labels_from_probs(prob, t))
@@ -183,8 +213,14 @@ def run(
             probs_any[method] = prob.max(1)
             curves[method] = M.dice_vs_threshold(probs_any[method], any_test, p.threshold_grid)
             dice_pos_slices[method] = M.dice_per_slice(probs_any[method] >= t, any_test)[pos]
-            if method == "segmenter":
+            if gated:
                 seg_pred = probs_any[method] >= t
+                slice_prob = image_probs["heatmap"].max(axis=1)  # "any bleed here?"
+                gate, at_gate = _gate_on_val(labels_from_probs(prob_val, t) > 0, slice_prob[val], any_val,
+                                             p.cascade_keep_dice)
+                gated = labels_from_probs(prob, t) * (slice_prob[test] >= gate)[:, None, None]
+                table["cascade"] = score(gated.astype(np.uint8))
+                table["cascade"].update(threshold=t, gate=gate, val_at_gate=at_gate)
 
         seg, orc = table["segmenter"].get("dice_pos"), table.get("oracle", {}).get("dice_pos")
         table["weak_over_full"] = (seg / orc) if (seg is not None and orc) else None

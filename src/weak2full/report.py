@@ -41,8 +41,8 @@ __all__ = [
 ]
 
 # Rows of the results table, in the order of the chain; the oracle is always shown as the ceiling.
-METHODS = ("gap_cam", "heatmap", "pseudo_mask", "segmenter", "oracle")
-LABELS = {"oracle": "oracle (ceiling)"}
+METHODS = ("gap_cam", "heatmap", "pseudo_mask", "segmenter", "cascade", "oracle")
+LABELS = {"oracle": "oracle (ceiling)", "cascade": "cascade (segmenter gated by heatmap)"}
 COLUMNS = ("dice_pos", "dice_patient", "iou_pos", "fp_slice_rate", "hd95", "point_acc")
 
 TRUTH_COLOUR = "#00e000"  # truth outline, on every panel
