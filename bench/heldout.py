@@ -10,7 +10,9 @@ selection or calibration), annotates every val/test slice of it, and scores the 
 * heatmap and gap_cam: AUROC and AP on every slice, point_acc and map Dice on the positives (the map
   threshold stored in each checkpoint);
 * segmenter and oracle: dice_pos and fp_slice_rate (the threshold in `metrics/evaluate.json`), and
-  weak_over_full from them.
+  weak_over_full from them;
+* cascade: the segmenter with nothing predicted where the heatmap network's slice probability is below
+  the gate the evaluate stage chose on val.
 
 The pseudo-mask row needs cams and the CRF on the cohort and is not part of it. The cohort is cached
 under data/heldout/ (about 80 MB for 100 patients at 128x128). Needs a synthetic `data.source`.
@@ -30,6 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from weak2full import prepare, train
+from weak2full.cams import predict_cams
 from weak2full.h5 import DatasetFile
 from weak2full.models import load_model
 from weak2full.params import InputParams, load_params
@@ -65,11 +68,19 @@ def classifier_row(path: Path, method: str, ds: DatasetFile, classes: list[str])
     return {k: r[k] for k in ("auroc", "ap", "point_acc", "map_dice")}
 
 
-def segmenter_row(path: Path, threshold: float, ds: DatasetFile) -> dict:
+def segmenter_row(path: Path, threshold: float, ds: DatasetFile, keep: np.ndarray | None = None) -> dict:
     model, ckpt = load_model(path, arch="segmenter")
     r = train.segmenter_metrics(model, ds, scored_rows(ds), InputParams(**ckpt["input"]),
-                                list(ckpt["classes"]), threshold=threshold)
+                                list(ckpt["classes"]), threshold=threshold, keep=keep)
     return {**r, "threshold": threshold}
+
+
+def slice_probs(path: Path, ds: DatasetFile) -> np.ndarray:
+    """The heatmap network's probability that each scored row holds a bleed (max over classes)."""
+    model, ckpt = load_model(path, arch="heatmap")
+    ip = InputParams(**ckpt["input"])
+    _, prob = predict_cams(model, ds, scored_rows(ds), ip, int(ckpt["heatmap_size"]))
+    return prob.max(axis=1)
 
 
 def main() -> None:
@@ -99,6 +110,11 @@ def main() -> None:
         for method, file in (("segmenter", "segmenter.pt"), ("oracle", "oracle.pt")):
             if method in chosen and "threshold" in chosen[method]:
                 rows[method] = segmenter_row(args.models / file, float(chosen[method]["threshold"]), ds)
+        if "cascade" in chosen:
+            keep = slice_probs(args.models / "classifier.pt", ds) >= float(chosen["cascade"]["gate"])
+            rows["cascade"] = {**segmenter_row(args.models / "segmenter.pt",
+                                               float(chosen["cascade"]["threshold"]), ds, keep=keep),
+                               "gate": float(chosen["cascade"]["gate"])}
     ratio = (rows["segmenter"]["dice_pos"] / rows["oracle"]["dice_pos"]
              if "oracle" in rows and rows["oracle"]["dice_pos"] > 0 else float("nan"))
     print(f"\nheld-out cohort: {args.patients} synthetic patients, seed {seed}, {n_pos} positive annotated "

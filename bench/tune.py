@@ -1,23 +1,25 @@
 """Train one network with param overrides and score it on the held-out cohort: the rows of docs/TUNING.md.
 
-Trains the oracle (`train_oracle` section, `train.run_oracle`) or the heatmap classifier
+Trains the oracle (`train_oracle` section, `train.run_oracle`), the weak segmenter (`train_segmenter`,
+`train.run_segmenter`, on the pseudo-masks of the last `dvc repro`) or the heatmap classifier
 (`train_classifier`, `train.run_classifier`) exactly as its stage does, on the prepared default dataset,
 with model selection on its val split; then scores the chosen checkpoint on the cohort of
 bench/heldout.py (100 fresh patients, seed common.seed + 101, every val/test slice annotated):
 
-* oracle: dice_pos and fp_slice_rate of the first class of common.classes (`any` by default) at fixed
-  thresholds, and dice_pos by the bleed's area;
+* oracle, segmenter: dice_pos and fp_slice_rate of the first class of common.classes (`any` by default)
+  at fixed thresholds, and dice_pos by the bleed's area;
 * classifier: AUROC, AP, point_acc, and map Dice at the map threshold that is best on the cohort itself
   (optimistic by a few hundredths, alike for every setting).
 
 The rows of docs/TUNING.md were measured with one torch thread on one core; another thread count moves
-them (README). After `dvc repro prepare`:
+them (README). After `dvc repro prepare` (`dvc repro pseudo_masks` for the segmenter):
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/tune.py oracle
     OMP_NUM_THREADS=1 .venv/bin/python bench/tune.py oracle --set train_oracle.upsample=1 \\
         --set train_oracle.crop_size=null --set train_oracle.dice_per_slice=false \\
         --set train_oracle.epochs=8 --set train_oracle.steps_per_epoch=40     # the old default
     OMP_NUM_THREADS=1 .venv/bin/python bench/tune.py classifier --set input.skull_strip=true
+    OMP_NUM_THREADS=1 .venv/bin/python bench/tune.py segmenter --set train_segmenter.ema_decay=0.98
 """
 
 from __future__ import annotations
@@ -66,10 +68,12 @@ def with_overrides(params, sets: list[str]):
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("network", choices=("oracle", "classifier"))
+    ap.add_argument("network", choices=("oracle", "segmenter", "classifier"))
     ap.add_argument("--set", dest="sets", action="append", default=[], metavar="SECTION.KEY=VALUE")
     ap.add_argument("--params", type=Path, default=Path("params.yaml"))
     ap.add_argument("--dataset", type=Path, default=Path("data/prepared/dataset.h5"))
+    ap.add_argument("--pseudo", type=Path, default=Path("data/pseudo/pseudo_masks.h5"),
+                    help="the pseudo-masks the segmenter trains on")
     ap.add_argument("--patients", type=int, default=100)
     ap.add_argument("--cache", type=Path, default=Path("data/heldout"))
     args = ap.parse_args()
@@ -84,6 +88,8 @@ def main() -> None:
         t0 = time.perf_counter()
         if args.network == "oracle":
             train.run_oracle(params, args.dataset, model_path, live_dir=None)
+        elif args.network == "segmenter":
+            train.run_segmenter(params, args.dataset, args.pseudo, model_path, live_dir=None)
         else:
             train.run_classifier(params, args.dataset, model_path, Path(tmp) / "metrics.json", live_dir=None)
         row["train_s"] = round(time.perf_counter() - t0, 1)

@@ -99,6 +99,13 @@ def test_segmenter_stage_trains_on_pseudo_masks_and_predicts(tmp_path, make_para
     with h5.DatasetFile(ds) as f:
         prob = predict_masks(model, f, [5, 1, 3], params.input, batch_size=2)
     assert prob.shape == (3, 1, 32, 32) and prob.dtype == np.float32 and 0 <= prob.min() <= prob.max() <= 1
+    # A cascade's gate: rows where ``keep`` is False predict nothing, so they find no bleed and fire on
+    # no negative slice; keeping every row changes nothing.
+    with h5.DatasetFile(ds) as f:
+        rows = f.indices("test")
+        score = lambda keep: train.segmenter_metrics(model, f, rows, params.input, ["any"], keep=keep)  # noqa
+        assert score(np.ones(len(rows), bool)) == score(None)
+        assert score(np.zeros(len(rows), bool)) == {"dice_pos": 0.0, "fp_slice_rate": 0.0}
 
 
 def test_masks_without_a_class_are_refused():

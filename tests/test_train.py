@@ -68,6 +68,20 @@ def test_heatmap_loss_falls(tiny, make_params):
     assert float(loss.detach()) < 0.7 * first
 
 
+def test_negative_pixel_term_pushes_down_every_pixel_of_negative_slices_only():
+    maps = torch.zeros(2, 1, 8, 8, requires_grad=True)  # slice 0 positive, slice 1 negative
+    out = {"map": maps, "logits": maps.mean(dim=(2, 3)), "aux_maps": [], "aux_logits": []}
+    target = torch.tensor([[1.0], [0.0]])
+    base = losses.heatmap_loss(out, target, 0.0, 0.0)
+    with_term = losses.heatmap_loss(out, target, 0.0, 0.0, negative_pixel_weight=2.0)
+    assert float((with_term - base).detach()) == pytest.approx(2 * np.log(2.0), rel=1e-5)  # BCE(0, 0) = log 2
+    with_term.backward()
+    # Image BCE through mean pooling: (sigmoid(0) - label) / (2 slices x 64 pixels) on each pixel; the
+    # term adds weight x sigmoid(0) / 64 pixels on the negative slice alone.
+    assert torch.allclose(maps.grad[0], torch.full((1, 8, 8), -0.5 / 128))
+    assert torch.allclose(maps.grad[1], torch.full((1, 8, 8), 0.5 / 128 + 2.0 * 0.5 / 64))
+
+
 def test_balanced_sampler_is_seeded_and_balanced():
     positive = np.arange(20) < 3
     a = list(data.BalancedBatchSampler(positive, 4, 5, 0.5, seed=1))

@@ -33,10 +33,22 @@ def consistency(maps: list[torch.Tensor]) -> torch.Tensor:
 
 
 def heatmap_loss(
-    out: dict, target: torch.Tensor, ds_weight: float = 0.5, cons_weight: float = 0.1
+    out: dict, target: torch.Tensor, ds_weight: float = 0.5, cons_weight: float = 0.1,
+    negative_pixel_weight: float = 0.0,
 ) -> torch.Tensor:
-    """``out`` from :class:`weak2full.models.HeatmapNet`; ``target`` float (B, K) in {0, 1}."""
+    """``out`` from :class:`weak2full.models.HeatmapNet`; ``target`` float (B, K) in {0, 1}.
+
+    ``negative_pixel_weight``: plus BCE of every map pixel against 0 on the slices labelled without the
+    class. An image label of 0 is a full mask (no bleed anywhere), and pooling alone pushes down only a
+    negative map's highest pixels; this term pushes down all of them, so what every slice shows (the
+    brain's rim, the skull) cannot stay warm on a positive one.
+    """
     loss = F.binary_cross_entropy_with_logits(out["logits"].float(), target)
+    if negative_pixel_weight > 0:
+        maps = out["map"].float()  # (B, K, S, S), on the image logit's scale
+        negative = (target == 0).float()[:, :, None, None].expand_as(maps)
+        pixel = F.binary_cross_entropy_with_logits(maps, torch.zeros_like(maps), reduction="none")
+        loss = loss + negative_pixel_weight * (pixel * negative).sum() / negative.sum().clamp_min(1.0)
     if out["aux_logits"] and ds_weight > 0:
         aux = sum(F.binary_cross_entropy_with_logits(a.float(), target) for a in out["aux_logits"])
         loss = loss + ds_weight * aux / len(out["aux_logits"])

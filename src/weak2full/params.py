@@ -253,6 +253,9 @@ class ClassifierParams(TrainParams):
     deep_supervision: bool = True
     deep_supervision_weight: float = Field(0.5, ge=0.0)
     consistency_weight: float = Field(0.1, ge=0.0)
+    # BCE of every map pixel against 0 on slices labelled negative (losses.heatmap_loss): what all
+    # slices show, such as the brain's rim, then cannot stay warm on the positive ones.
+    negative_pixel_weight: float = Field(0.0, ge=0.0)
     # Checkpoint selection: localisation on annotated val slices (AUROC can be won by shortcuts).
     select_by: Literal["point_acc", "map_dice", "auroc"] = "map_dice"
     # Published methods as options (docs/METHODS.md has each one's source and measured effect).

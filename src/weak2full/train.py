@@ -313,13 +313,19 @@ def classifier_metrics(
 
 
 def segmenter_metrics(model, ds: DatasetFile, idx: np.ndarray, input_params, classes: list[str],
-                      batch_size: int = 32, device="cpu", threshold: float = 0.5) -> dict:
+                      batch_size: int = 32, device="cpu", threshold: float = 0.5,
+                      keep: np.ndarray | None = None) -> dict:
     """``dice_pos`` (mean per-slice Dice over annotated rows holding the class) and ``fp_slice_rate``
-    (share of annotated rows without the class that get any predicted pixel), macro over classes."""
+    (share of annotated rows without the class that get any predicted pixel), macro over classes.
+
+    ``keep``: bool per row of ``idx``; a row where it is False predicts nothing (a cascade's gate)."""
     idx = np.asarray(idx, dtype=np.int64)
-    idx = idx[ds.has_mask[idx]]
+    annotated = ds.has_mask[idx]
+    idx = idx[annotated]
     masks = ds.annotated_masks(idx)
     prob = predict_masks(model, ds, idx, input_params, batch_size, device)
+    if keep is not None:
+        prob = prob * np.asarray(keep, bool)[annotated][:, None, None, None]
     dice_pos, fp = [], []
     for k, cls in enumerate(classes):
         if cls != "any" and cls not in ds.mask_classes:
@@ -382,7 +388,8 @@ def _train_classifier(params: Params, arch: str, dataset: str | Path, out_model:
 
         def loss_fn(out, y):
             loss = losses.heatmap_loss(out, y, p.deep_supervision_weight if p.deep_supervision else 0.0,
-                                       p.consistency_weight if p.deep_supervision else 0.0)
+                                       p.consistency_weight if p.deep_supervision else 0.0,
+                                       negative_pixel_weight=p.negative_pixel_weight)
             if p.minmax_entropy_weight > 0:
                 loss = loss + p.minmax_entropy_weight * losses.minmax_entropy_loss(model, out, y)
             return loss
