@@ -36,6 +36,28 @@ def test_heatmap_maps_have_the_stated_shape(pooling, stride):
     assert model.stride == stride
 
 
+@pytest.mark.parametrize("stride", [1, 2])
+def test_test_scale_reads_the_enlarged_slice_in_eval_mode_only(stride):
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    plain = heatmap(heatmap_size=64 // stride).eval()
+    scaled = heatmap(heatmap_size=64 // stride, test_scale=2.0)
+    scaled.load_state_dict(plain.state_dict())
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        big = plain(F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False))
+        out = scaled.eval()(x)
+        assert out["map"].shape == (2, 2, 64 // stride, 64 // stride)  # the plain map's grid
+        assert torch.allclose(out["map"], F.avg_pool2d(big["map"], 2), atol=1e-6)
+        assert torch.allclose(out["logits"], big["logits"])
+        scaled.train()
+        assert torch.equal(scaled(x)["map"], plain.train()(x)["map"])  # training sees the slice as it is
+    # A slice-context network enlarges every slice of the window.
+    context = heatmap(slice_context="attention", context_slices=3, test_scale=1.5).eval()
+    assert context(torch.randn(2, 3, 3, 64, 64))["map"].shape == (2, 2, 64, 64)
+
+
 def test_lse_pooling_lies_between_mean_and_max():
     model = heatmap(pooling="lse").eval()
     maps = torch.randn(3, 2, 8, 8)

@@ -227,9 +227,11 @@ class TrainParams(_Section):
     channels_last: bool = True  # CUDA only
     resume: bool = True  # continue from the stage's last checkpoint after an interruption
     # Per-epoch validation (model selection) reads all annotated val positives plus this many annotated
-    # val negatives per positive, drawn once with the seed (None: every annotated val slice). The final
-    # metrics always use whole splits.
-    val_negative_ratio: Optional[float] = Field(4.0, ge=0.0)
+    # val negatives per positive, drawn once with the seed (None: every annotated val slice). The
+    # selection scores (map_dice, point_acc, dice_pos) read positives only; the negatives serve the
+    # logged AUROC and fp_slice_rate, so this ratio costs time without moving the chosen epoch (the
+    # default was 4 until test_scale made validation dearer). The final metrics use whole splits.
+    val_negative_ratio: Optional[float] = Field(1.0, ge=0.0)
     # Exponential moving average of the weights (timm's ModelEmaV3, with its warm-up): validated, selected
     # and saved in place of the raw weights, which a few hundred noisy steps leave far from settled.
     # 0 turns it off.
@@ -253,6 +255,10 @@ class ClassifierParams(TrainParams):
     deep_supervision: bool = True
     deep_supervision_weight: float = Field(0.5, ge=0.0)
     consistency_weight: float = Field(0.1, ge=0.0)
+    # Maps are read off the slice enlarged this many times (models.heatmap.HeatmapNet.forward, in eval
+    # mode only: validation, cams and metrics; training stays at the input size). Costs its square in
+    # inference time; measured in docs/TUNING.md.
+    test_scale: float = Field(2.0, gt=0.0, le=4.0)
     # BCE of every map pixel against 0 on slices labelled negative (losses.heatmap_loss): what all
     # slices show, such as the brain's rim, then cannot stay warm on the positive ones.
     negative_pixel_weight: float = Field(0.0, ge=0.0)
