@@ -367,7 +367,9 @@ def write_html_report(
         f"<h1>{html.escape(title)}</h1>",
         f'<p class="note">{html.escape(_counts_line(table))} The oracle is trained on true masks: it is the '
         "ceiling, not a competitor. gap_cam, heatmap and pseudo_mask rows are label-informed (a slice "
-        "labelled negative gets no foreground); segmenter and oracle see pixels only.</p>",
+        "labelled negative gets no foreground); segmenter and oracle see pixels only; the cascade is the "
+        "segmenter with its mask kept only where the heatmap classifier's slice probability reaches a gate "
+        "chosen on val.</p>",
         "<h2>Results (class any)</h2>",
         _html_table(table),
         f"<p>{html.escape(_ratio_line(table))}</p>",
