@@ -208,7 +208,8 @@ def run(
             if p.calibrate_threshold:
                 t, _ = _threshold_on_val(prob_val.max(1), any_val, p.threshold_grid, p.threshold)
             prob = _segmenter_probs(Path(path), ds, test, params)
-            table[method] = score(labels_from_probs(prob, t))
+            labels_test = labels_from_probs(prob, t)
+            table[method] = score(labels_test)
             table[method]["threshold"] = t
             probs_any[method] = prob.max(1)
             curves[method] = M.dice_vs_threshold(probs_any[method], any_test, p.threshold_grid)
@@ -218,8 +219,8 @@ def run(
                 slice_prob = image_probs["heatmap"].max(axis=1)  # "any bleed here?"
                 gate, at_gate = _gate_on_val(labels_from_probs(prob_val, t) > 0, slice_prob[val], any_val,
                                              p.cascade_keep_dice)
-                gated = labels_from_probs(prob, t) * (slice_prob[test] >= gate)[:, None, None]
-                table["cascade"] = score(gated.astype(np.uint8))
+                kept = (slice_prob[test] >= gate)[:, None, None]
+                table["cascade"] = score(np.where(kept, labels_test, 0).astype(np.uint8))
                 table["cascade"].update(threshold=t, gate=gate, val_at_gate=at_gate)
 
         seg, orc = table["segmenter"].get("dice_pos"), table.get("oracle", {}).get("dice_pos")
