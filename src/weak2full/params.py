@@ -223,8 +223,8 @@ class TrainParams(_Section):
     positive_fraction: Optional[float] = Field(0.5, ge=0.0, le=1.0)
     augment: AugmentParams = AugmentParams()
     num_workers: int = Field(0, ge=0)
-    amp: bool = True  # bf16 autocast, CUDA only
-    channels_last: bool = True  # CUDA only
+    amp: bool = True  # bf16 autocast in training where native (CUDA; AVX512-BF16 or AMX CPUs)
+    channels_last: bool = True  # NHWC weights and batches in training
     resume: bool = True  # continue from the stage's last checkpoint after an interruption
     # Per-epoch validation (model selection) reads all annotated val positives plus this many annotated
     # val negatives per positive, drawn once with the seed (None: every annotated val slice). The

@@ -7,7 +7,7 @@ import random
 import numpy as np
 import torch
 
-__all__ = ["choose_device", "seed_everything", "rng_state", "set_rng_state", "set_threads"]
+__all__ = ["choose_device", "fast_bf16", "seed_everything", "rng_state", "set_rng_state", "set_threads"]
 
 
 def choose_device(setting: str = "auto") -> torch.device:
@@ -21,6 +21,20 @@ def choose_device(setting: str = "auto") -> torch.device:
     if setting == "cpu" or not torch.cuda.is_available():
         return torch.device("cpu")
     return torch.device("cuda")
+
+
+def fast_bf16(device: torch.device) -> bool:
+    """Whether bf16 autocast speeds training up on ``device``: any CUDA GPU, and a CPU whose oneDNN has
+    native bf16 kernels (AVX512-BF16 or AMX; on this 2-core Xeon a resnet18 UNet trains 2.1x faster at
+    128x128, bench/bench_train.py). Elsewhere bf16 would be emulated, slower than float32."""
+    if device.type == "cuda":
+        return True
+    if device.type != "cpu" or not torch.backends.mkldnn.is_available():
+        return False
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a torch build without the probe: assume emulation
+        return False
 
 
 def seed_everything(seed: int) -> None:

@@ -1,9 +1,9 @@
 """The one training loop, and the four training stages built on it.
 
 :func:`fit` trains any of the chain's networks: AdamW, cosine schedule with linear warm-up, balanced
-sampling (:class:`weak2full.data.BalancedBatchSampler`), augmentation, bf16 autocast and channels_last on
-CUDA only, resume from the stage's last state after an interruption, tqdm progress, dvclive logging, and
-model selection on a validation score. Same params + seed on the CPU give the same weights.
+sampling (:class:`weak2full.data.BalancedBatchSampler`), augmentation, channels_last, bf16 autocast where
+the device computes bf16 natively (CUDA; CPUs with AVX512-BF16 or AMX), resume from the stage's last
+state after an interruption, tqdm progress, dvclive logging, and model selection on a validation score. Same params + seed on the CPU give the same weights.
 
 Stages (each writes through ``atomic_output``):
 
@@ -45,7 +45,7 @@ from weak2full.models import (
     save_disabled,
 )
 from weak2full.params import Params, TrainParams
-from weak2full.runtime import choose_device, rng_state, seed_everything, set_rng_state, set_threads
+from weak2full.runtime import choose_device, fast_bf16, rng_state, seed_everything, set_rng_state, set_threads
 
 __all__ = [
     "fit",
@@ -107,11 +107,12 @@ def fit(
         persistent_workers=p.num_workers > 0,
     )
     model.to(device)
-    if cuda and p.channels_last:
+    if p.channels_last:  # oneDNN and cuDNN convolutions both prefer NHWC
         model.to(memory_format=torch.channels_last)
     opt = torch.optim.AdamW(model.parameters(), lr=p.lr, weight_decay=p.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(total, int(round(p.warmup_epochs * steps))))
-    amp = torch.autocast("cuda", dtype=torch.bfloat16) if (cuda and p.amp) else contextlib.nullcontext()
+    use_amp = p.amp and fast_bf16(device)  # the losses cast the outputs back to float32
+    amp = torch.autocast(device.type, dtype=torch.bfloat16) if use_amp else contextlib.nullcontext()
     # Under torchrun: DDP for the training forward, validation on rank 0 shared with all, rank 0 writes.
     net, main = distributed.wrap(model, device), distributed.is_main()
     validate = distributed.main_only(validate)
@@ -145,7 +146,7 @@ def fit(
                        disable=not main)
             for x, target in bar:
                 x, target = x.to(device, non_blocking=True), target.to(device, non_blocking=True)
-                if cuda and p.channels_last and x.dim() == 4:  # not the (B, T, C, H, W) slice windows
+                if p.channels_last and x.dim() == 4:  # not the (B, T, C, H, W) slice windows
                     x = x.contiguous(memory_format=torch.channels_last)
                 with amp:
                     loss = loss_fn(net(x), target)
