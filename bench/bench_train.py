@@ -2,14 +2,17 @@
 
     python bench/bench_train.py              # classifier + segmenter, 128 and 256, workers 0/1/2
     python bench/bench_train.py --nets classifier --sizes 512 --workers 0 --steps 3
+    python bench/bench_train.py --workers 0 --fp32   # without bf16 autocast, for comparison
 
 What runs is ``weak2full.train.fit`` itself (balanced sampler, HDF5 read by the lazily opened
 SliceDataset, default augmentation, AdamW step), with the default params of ``train_classifier``
 (heatmap network, resnet10t, 128x128 map: stride 1 at 128, 2 at 256, 4 at 512) and of
-``train_segmenter`` (smp Unet resnet18), batch 16. The loss function stamps the time of every step;
-images/s = batch x (timed steps) / (time from the end of the warm-up steps to the last step), so
-DataLoader start-up and the epoch's validation are not counted. Threads: torch's default intra-op
-threads in this process; DataLoader workers are separate processes competing for the same cores.
+``train_segmenter`` (smp Unet resnet18), batch 16, channels_last, and bf16 autocast where the CPU
+computes bf16 natively (``weak2full.runtime.fast_bf16``; ``--fp32`` turns it off). The loss function
+stamps the time of every step; images/s = batch x (timed steps) / (time from the end of the warm-up
+steps to the last step), so DataLoader start-up and the epoch's validation are not counted. Threads:
+torch's default intra-op threads in this process; DataLoader workers are separate processes competing
+for the same cores.
 """
 
 from __future__ import annotations
@@ -31,17 +34,18 @@ from weak2full import losses  # noqa: E402
 from weak2full.data import SliceDataset  # noqa: E402
 from weak2full.models import create_model, model_config  # noqa: E402
 from weak2full.params import parse_params  # noqa: E402
+from weak2full.runtime import fast_bf16  # noqa: E402
 from weak2full.train import fit  # noqa: E402
 
 NETS = ("classifier", "segmenter")
 
 
 def throughput(net: str, dataset: Path, size: int, workers: int, steps: int, warmup: int = 2,
-               channels_last: bool = False) -> dict:
+               amp: bool = True) -> dict:
     """images/s of ``steps`` timed training steps of ``net`` on ``dataset`` (after ``warmup`` steps)."""
     section = "train_classifier" if net == "classifier" else "train_segmenter"
     params = parse_params({section: {"num_workers": workers, "epochs": 1, "steps_per_epoch": warmup + steps,
-                                     "resume": False}})
+                                     "resume": False, "amp": amp}})
     p = getattr(params, section)
     ip = params.input
     torch.manual_seed(0)
@@ -59,8 +63,6 @@ def throughput(net: str, dataset: Path, size: int, workers: int, steps: int, war
             return losses.segmentation_loss(out, y, p.dice_weight)
 
     model = create_model(arch, config)
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
     train_set = SliceDataset(dataset, np.arange(_rows(dataset)), ip, ["any"], targets, p.augment)
     stamps = []
 
@@ -73,7 +75,8 @@ def throughput(net: str, dataset: Path, size: int, workers: int, steps: int, war
     # stamps[i] is taken when step i's forward has produced its output; steps warmup..end are timed.
     seconds = (stamps[-1] - stamps[warmup - 1]) * steps / (len(stamps) - warmup)
     return {"net": net, "arch": config.get("arch", arch), "encoder": config["encoder"], "input": size,
-            "batch_size": p.batch_size, "num_workers": workers, "channels_last": channels_last,
+            "batch_size": p.batch_size, "num_workers": workers,
+            "bf16": amp and fast_bf16(torch.device("cpu")),
             "timed_steps": steps, "img_per_s": p.batch_size * steps / seconds, "load": load()}
 
 
@@ -111,7 +114,7 @@ def _rows(dataset: Path) -> int:
 
 
 def sweep(nets=NETS, sizes=(128, 256), workers=(0, 1, 2), steps: int = 6, slices: int = 256,
-          warmup: int = 2) -> dict:
+          warmup: int = 2, amp: bool = True) -> dict:
     """Every (net, size, workers) and, per (net, size), the best number of workers."""
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -119,9 +122,9 @@ def sweep(nets=NETS, sizes=(128, 256), workers=(0, 1, 2), steps: int = 6, slices
             dataset = make_dataset(Path(tmp) / f"d{size}.h5", slices, size, positive_fraction=0.3)
             for net in nets:
                 for w in workers:
-                    rows.append(throughput(net, dataset, size, w, steps, warmup))
+                    rows.append(throughput(net, dataset, size, w, steps, warmup, amp))
                     r = rows[-1]
-                    print(f"  train {net} {size}^2 workers={w}: {r['img_per_s']:.1f} img/s "
+                    print(f"  train {net} {size}^2 workers={w} bf16={r['bf16']}: {r['img_per_s']:.1f} img/s "
                           f"(load {r['load']})", flush=True)
     best = {}
     for r in rows:
@@ -137,8 +140,9 @@ def main() -> None:
     ap.add_argument("--sizes", type=int, nargs="*", default=[128, 256])
     ap.add_argument("--workers", type=int, nargs="*", default=[0, 1, 2])
     ap.add_argument("--steps", type=int, default=6, help="timed steps (after 2 warm-up steps)")
+    ap.add_argument("--fp32", action="store_true", help="train in float32 (amp: false)")
     args = ap.parse_args()
-    res = sweep(args.nets, args.sizes, args.workers, args.steps)
+    res = sweep(args.nets, args.sizes, args.workers, args.steps, amp=not args.fp32)
     print(json.dumps(res["best"], indent=1))
 
 

@@ -37,7 +37,7 @@ def test_heatmap_maps_have_the_stated_shape(pooling, stride):
 
 
 @pytest.mark.parametrize("stride", [1, 2])
-def test_test_scale_reads_the_enlarged_slice_in_eval_mode_only(stride):
+def test_test_scale_reads_the_enlarged_slice_in_eval_mode_only_and_train_scale_in_training(stride):
     import torch.nn.functional as F
 
     torch.manual_seed(0)
@@ -53,6 +53,18 @@ def test_test_scale_reads_the_enlarged_slice_in_eval_mode_only(stride):
         assert torch.allclose(out["logits"], big["logits"])
         scaled.train()
         assert torch.equal(scaled(x)["map"], plain.train()(x)["map"])  # training sees the slice as it is
+    # train_scale: the same enlargement in training mode, eval mode untouched.
+    trained_big = heatmap(heatmap_size=64 // stride, train_scale=2.0)
+    trained_big.load_state_dict(plain.state_dict())
+    with torch.no_grad():
+        assert torch.allclose(trained_big.eval()(x)["map"], plain.eval()(x)["map"], atol=1e-6)
+        plain.train(), trained_big.train()
+        torch.manual_seed(1)
+        big = plain(F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False))
+        torch.manual_seed(1)
+        out = trained_big(x)
+        assert out["map"].shape == (2, 2, 64 // stride, 64 // stride)
+        assert torch.allclose(out["map"], F.avg_pool2d(big["map"], 2), atol=1e-5)
     # A slice-context network enlarges every slice of the window.
     context = heatmap(slice_context="attention", context_slices=3, test_scale=1.5).eval()
     assert context(torch.randn(2, 3, 3, 64, 64))["map"].shape == (2, 2, 64, 64)

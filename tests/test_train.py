@@ -156,6 +156,23 @@ def test_resume_continues_from_the_last_epoch(tiny, tmp_path, make_params, capsy
     assert resumed["test"]["auroc"] == pytest.approx(full["test"]["auroc"])
 
 
+def test_amp_is_bf16_autocast_where_the_cpu_computes_bf16_natively(tiny, tmp_path, make_params):
+    # amp on a CPU with AVX512-BF16/AMX trains other (bf16-rounded) weights than float32; on a CPU that
+    # would emulate bf16 the switch is ignored and the weights are float32's to the bit.
+    from weak2full.runtime import fast_bf16
+
+    weights = {}
+    for amp in (False, True):
+        section = {**TINY, "epochs": 1, "amp": amp}
+        params = make_params(common={"device": "cpu"}, baseline_cam=section)
+        train.run_baseline(params, tiny, tmp_path / f"{amp}.pt", tmp_path / f"{amp}.json", None)
+        weights[amp] = torch.load(tmp_path / f"{amp}.pt", weights_only=True)["state_dict"]
+    assert all(v.dtype != torch.bfloat16 for v in weights[True].values())  # saved in float32
+    assert all(torch.isfinite(v.float()).all() for v in weights[True].values())
+    same = all(torch.equal(weights[False][k], weights[True][k]) for k in weights[False])
+    assert same is not fast_bf16(torch.device("cpu"))
+
+
 def test_ema_weights_are_the_ones_selected_and_saved(tiny, tmp_path, make_params):
     # The same steps with and without the moving average: the raw weights are identical, so the saved
     # checkpoints differ only by the averaging, and the averaged one sits between start and end.

@@ -259,6 +259,9 @@ class ClassifierParams(TrainParams):
     # mode only: validation, cams and metrics; training stays at the input size). Costs its square in
     # inference time; measured in docs/TUNING.md.
     test_scale: float = Field(2.0, gt=0.0, le=4.0)
+    # The same enlargement in training (then the map is also learnt on the enlarged slice): costs its
+    # square in training time.
+    train_scale: float = Field(1.0, gt=0.0, le=4.0)
     # BCE of every map pixel against 0 on slices labelled negative (losses.heatmap_loss): what all
     # slices show, such as the brain's rim, then cannot stay warm on the positive ones.
     negative_pixel_weight: float = Field(0.0, ge=0.0)
