@@ -9,8 +9,8 @@ selection or calibration), annotates every val/test slice of it, and scores the 
 
 * heatmap and gap_cam: AUROC and AP on every slice, point_acc and map Dice on the positives (the map
   threshold stored in each checkpoint);
-* segmenter and oracle: dice_pos and fp_slice_rate (the threshold in `metrics/evaluate.json`), and
-  weak_over_full from them;
+* segmenter and oracle: dice_pos and fp_slice_rate (the threshold in `metrics/evaluate.json`; with the
+  test-time flip when `evaluate.flip_tta` is on, as evaluate reads them), and weak_over_full from them;
 * cascade: the segmenter with nothing predicted where the heatmap network's slice probability is below
   the gate the evaluate stage chose on val.
 
@@ -68,10 +68,11 @@ def classifier_row(path: Path, method: str, ds: DatasetFile, classes: list[str])
     return {k: r[k] for k in ("auroc", "ap", "point_acc", "map_dice")}
 
 
-def segmenter_row(path: Path, threshold: float, ds: DatasetFile, keep: np.ndarray | None = None) -> dict:
+def segmenter_row(path: Path, threshold: float, ds: DatasetFile, keep: np.ndarray | None = None,
+                  flip: bool = False) -> dict:
     model, ckpt = load_model(path, arch="segmenter")
     r = train.segmenter_metrics(model, ds, scored_rows(ds), InputParams(**ckpt["input"]),
-                                list(ckpt["classes"]), threshold=threshold, keep=keep)
+                                list(ckpt["classes"]), threshold=threshold, keep=keep, flip=flip)
     return {**r, "threshold": threshold}
 
 
@@ -109,11 +110,13 @@ def main() -> None:
             rows[method] = classifier_row(args.models / file, method, ds, classes)
         for method, file in (("segmenter", "segmenter.pt"), ("oracle", "oracle.pt")):
             if method in chosen and "threshold" in chosen[method]:
-                rows[method] = segmenter_row(args.models / file, float(chosen[method]["threshold"]), ds)
+                rows[method] = segmenter_row(args.models / file, float(chosen[method]["threshold"]), ds,
+                                             flip=params.evaluate.flip_tta)
         if "cascade" in chosen:
             keep = slice_probs(args.models / "classifier.pt", ds) >= float(chosen["cascade"]["gate"])
             rows["cascade"] = {**segmenter_row(args.models / "segmenter.pt",
-                                               float(chosen["cascade"]["threshold"]), ds, keep=keep),
+                                               float(chosen["cascade"]["threshold"]), ds, keep=keep,
+                                               flip=params.evaluate.flip_tta),
                                "gate": float(chosen["cascade"]["gate"])}
     ratio = (rows["segmenter"]["dice_pos"] / rows["oracle"]["dice_pos"]
              if "oracle" in rows and rows["oracle"]["dice_pos"] > 0 else float("nan"))

@@ -101,7 +101,8 @@ def main() -> None:
                                              params.train_classifier.heatmap_size)
                 row.update({k: round(r[k], 4) for k in ("auroc", "ap", "point_acc", "map_dice")})
             else:
-                prob = predict_masks(model, ds, idx, params.input)[:, 0]  # the first class
+                # the first class; read as evaluate reads it (evaluate.flip_tta)
+                prob = predict_masks(model, ds, idx, params.input, flip=params.evaluate.flip_tta)[:, 0]
                 truth = truth_mask(ds.annotated_masks(idx), ds.mask_classes, classes[0])
                 for t in THRESHOLDS:
                     row[f"dice_pos, fp_slice_rate @ {t}"] = [round(v, 4) for v in

@@ -157,6 +157,35 @@ def test_upsampled_segmenter_works_on_the_enlarged_slice_and_answers_on_its_grid
         assert predict_masks(model, f, [1, 2], params.input).shape == (2, 1, 32, 32)
 
 
+def test_flip_tta_averages_the_logits_of_the_slice_and_its_mirror(tmp_path, make_params):
+    # Two "networks" that weigh the slice by a left-to-right ramp and by its mirror image: read plainly
+    # they disagree; with the test-time flip each sees both ramps, so they give the same masks.
+    class Ramp(torch.nn.Module):
+        def __init__(self, reverse: bool):
+            super().__init__()
+            ramp = torch.linspace(0.0, 1.0, 32)
+            self.register_buffer("w", ramp.flip(0) if reverse else ramp)
+
+        def forward(self, x):
+            return 4 * x[:, :1] * self.w
+
+    class Half(torch.nn.Module):
+        def forward(self, x):
+            return 2 * x[:, :1]
+
+    ds = tiny_dataset(tmp_path / "dataset.h5")
+    ip = make_params().input
+    with h5.DatasetFile(ds) as f:
+        a, b = (predict_masks(Ramp(r), f, [1, 2, 3], ip) for r in (False, True))
+        fa, fb = (predict_masks(Ramp(r), f, [1, 2, 3], ip, flip=True) for r in (False, True))
+    assert not np.allclose(a, b, atol=1e-3)
+    np.testing.assert_allclose(fa, fb, atol=1e-6)
+    # ramp + mirrored ramp = 1 at every column, so the mean of the two logits is 4 x / 2
+    with h5.DatasetFile(ds) as f:
+        np.testing.assert_allclose(fa, predict_masks(Half(), f, [1, 2, 3], ip), atol=1e-6)
+    assert fa.shape == a.shape == (3, 1, 32, 32) and fa.std() > 0.01
+
+
 def test_crop_larger_than_the_slice_or_on_image_labels_is_refused(tmp_path, make_params):
     ds = tiny_dataset(tmp_path / "dataset.h5")
     ip, aug = make_params().input, make_params().train_oracle.augment

@@ -115,7 +115,8 @@ def _segmenter_probs(path: Path, ds: DatasetFile, idx: np.ndarray, params: Param
         raise InvalidInputError(
             f"{path} was trained for classes {ckpt['classes']}, common.classes is {params.common.classes}."
         )
-    return predict_masks(model, ds, idx, InputParams(**ckpt["input"]), params.evaluate.batch_size, device)
+    return predict_masks(model, ds, idx, InputParams(**ckpt["input"]), params.evaluate.batch_size, device,
+                         flip=params.evaluate.flip_tta)
 
 
 def run(

@@ -504,6 +504,9 @@ class EvaluateParams(_Section):
     # Thresholds of the dice-vs-threshold curves (plots/dice_vs_threshold.csv), the same for every method.
     threshold_grid: list[float] = Field(default_factory=lambda: [round(0.1 * i, 1) for i in range(1, 10)])
     batch_size: int = Field(32, ge=1)
+    # Segmenter and oracle masks from the mean logits of each slice and its left-right mirror (both
+    # alike, so weak_over_full stays fair): twice their inference time.
+    flip_tta: bool = True
     report_examples: int = Field(3, ge=1)  # overlays for best, median, worst (this many each)
     # The ``cascade`` row gates the segmenter with the heatmap classifier's slice probability: the
     # strictest gate that keeps this share of the segmenter's val dice_pos (1.0: no bleed given up).

@@ -3,7 +3,8 @@
 :func:`fit` trains any of the chain's networks: AdamW, cosine schedule with linear warm-up, balanced
 sampling (:class:`weak2full.data.BalancedBatchSampler`), augmentation, channels_last, bf16 autocast where
 the device computes bf16 natively (CUDA; CPUs with AVX512-BF16 or AMX), resume from the stage's last
-state after an interruption, tqdm progress, dvclive logging, and model selection on a validation score. Same params + seed on the CPU give the same weights.
+state after an interruption, tqdm progress, dvclive logging, and model selection on a validation score.
+Same params + seed on the same CPU give the same weights.
 
 Stages (each writes through ``atomic_output``):
 
@@ -315,16 +316,17 @@ def classifier_metrics(
 
 def segmenter_metrics(model, ds: DatasetFile, idx: np.ndarray, input_params, classes: list[str],
                       batch_size: int = 32, device="cpu", threshold: float = 0.5,
-                      keep: np.ndarray | None = None) -> dict:
+                      keep: np.ndarray | None = None, flip: bool = False) -> dict:
     """``dice_pos`` (mean per-slice Dice over annotated rows holding the class) and ``fp_slice_rate``
     (share of annotated rows without the class that get any predicted pixel), macro over classes.
 
-    ``keep``: bool per row of ``idx``; a row where it is False predicts nothing (a cascade's gate)."""
+    ``keep``: bool per row of ``idx``; a row where it is False predicts nothing (a cascade's gate).
+    ``flip``: test-time flip (:func:`weak2full.models.predict_masks`)."""
     idx = np.asarray(idx, dtype=np.int64)
     annotated = ds.has_mask[idx]
     idx = idx[annotated]
     masks = ds.annotated_masks(idx)
-    prob = predict_masks(model, ds, idx, input_params, batch_size, device)
+    prob = predict_masks(model, ds, idx, input_params, batch_size, device, flip=flip)
     if keep is not None:
         prob = prob * np.asarray(keep, bool)[annotated][:, None, None, None]
     dice_pos, fp = [], []

@@ -85,10 +85,13 @@ def predict_masks(
     input_params: InputParams,
     batch_size: int = 32,
     device: str | torch.device = "cpu",
+    flip: bool = False,
 ) -> np.ndarray:
     """Per-class foreground probabilities float32 (n, K, H, W) for dataset rows ``idx`` (in that order).
 
-    ``dataset_file`` is an open :class:`weak2full.h5.DatasetFile`; only images are read.
+    ``dataset_file`` is an open :class:`weak2full.h5.DatasetFile`; only images are read. ``flip``:
+    test-time augmentation, the logits of the slice and of its left-right mirror averaged (twice the
+    inference; measured in docs/TUNING.md).
     """
     model.eval().to(device)
     idx = np.asarray(idx, dtype=np.int64)
@@ -97,7 +100,10 @@ def predict_masks(
         rows = idx[start : start + batch_size]
         planes = source_stack(dataset_file.h5["image"], rows, dataset_file.patient, input_params.mode)
         x = torch.from_numpy(build_channels(planes, input_params)).to(device)
-        prob = torch.sigmoid(model(x).float()).cpu().numpy()
+        logits = model(x).float()
+        if flip:
+            logits = 0.5 * (logits + model(x.flip(-1)).float().flip(-1))
+        prob = torch.sigmoid(logits).cpu().numpy()
         if input_params.brain_mask:  # a bleed lies inside the skull (weak2full.brain)
             prob *= intracranial_mask(current_plane(planes, input_params.mode))[:, None]
         out.append(prob)
