@@ -70,6 +70,24 @@ def test_test_scale_reads_the_enlarged_slice_in_eval_mode_only_and_train_scale_i
     assert context(torch.randn(2, 3, 3, 64, 64))["map"].shape == (2, 2, 64, 64)
 
 
+def test_test_flip_averages_the_slice_and_its_mirror_in_eval_mode():
+    torch.manual_seed(0)
+    plain = heatmap(heatmap_size=32, test_scale=2.0).eval()
+    flipped = heatmap(heatmap_size=32, test_scale=2.0, test_flip=True).eval()
+    flipped.load_state_dict(plain.state_dict())
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        a, m, out = plain(x), plain(x.flip(-1)), flipped(x)
+        assert torch.allclose(out["map"], 0.5 * (a["map"] + m["map"].flip(-1)), atol=1e-6)
+        assert torch.allclose(out["logits"], 0.5 * (a["logits"] + m["logits"]), atol=1e-6)
+        # so mirroring the slice mirrors the map and keeps the image logits
+        mirrored = flipped(x.flip(-1))
+        assert torch.allclose(mirrored["map"], out["map"].flip(-1), atol=1e-5)
+        assert torch.allclose(mirrored["logits"], out["logits"], atol=1e-5)
+        flipped.train()
+        assert torch.equal(flipped(x)["map"], plain.train()(x)["map"])  # training reads one slice
+
+
 def test_lse_pooling_lies_between_mean_and_max():
     model = heatmap(pooling="lse").eval()
     maps = torch.randn(3, 2, 8, 8)

@@ -50,8 +50,9 @@ def model_config(arch: str, p, in_channels: int, num_classes: int, input_size: i
                     decoder_channels=list(p.decoder_channels), pooling=p.pooling, lse_r=p.lse_r,
                     topk_fraction=p.topk_fraction, deep_supervision=p.deep_supervision,
                     decoder=p.decoder, slice_context=p.slice_context, context_slices=p.context_slices,
-                    **{k: getattr(p, k) for k in ("test_scale", "train_scale")  # old configs stay
-                       if getattr(p, k) != 1.0})
+                    **({"test_scale": p.test_scale} if p.test_scale != 1.0 else {}),  # old configs stay
+                    **({"train_scale": p.train_scale} if p.train_scale != 1.0 else {}),
+                    **({"test_flip": True} if p.test_flip else {}))
     if arch == "gap_cam":
         return dict(encoder=p.encoder, in_channels=in_channels, num_classes=num_classes)
     if arch == "segmenter":

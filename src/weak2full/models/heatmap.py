@@ -134,11 +134,13 @@ class HeatmapNet(nn.Module):
         context_slices: int = 1,
         test_scale: float = 1.0,
         train_scale: float = 1.0,
+        test_flip: bool = False,
     ):
         super().__init__()
         heatmap_stride(input_size, heatmap_size)  # the size cams writes must fit the input
         self.heatmap_size = heatmap_size
         self.test_scale, self.train_scale = float(test_scale), float(train_scale)
+        self.test_flip = bool(test_flip)
         self.encoder = create_encoder(encoder, in_channels, encoder_weights)
         channels = self.encoder.feature_info.channels()
         reductions = self.encoder.feature_info.reduction()
@@ -187,7 +189,18 @@ class HeatmapNet(nn.Module):
         return [f[:, t // 2] for f in feats[:-1]] + [self.context(feats[-1])]
 
     def forward(self, x: torch.Tensor) -> dict:
-        scale = self.train_scale if self.training else self.test_scale
+        if self.training:
+            return self._read(x, self.train_scale)
+        out = self._read(x, self.test_scale)
+        if self.test_flip:
+            # Test-time flip: map and image logits averaged with those of the mirrored slice. On 100
+            # held-out synthetic patients, point_acc +0.02 and map Dice +0.02 at 2x (docs/TUNING.md).
+            mirror = self._read(x.flip(-1), self.test_scale)
+            out["map"] = 0.5 * (out["map"] + mirror["map"].flip(-1))
+            out["logits"] = 0.5 * (out["logits"] + mirror["logits"])
+        return out
+
+    def _read(self, x: torch.Tensor, scale: float) -> dict:
         if scale == 1.0:
             return self._forward(x)
         # The network reads the slice enlarged `scale` times (bilinear) and its map is averaged back to
