@@ -263,8 +263,8 @@ class ClassifierParams(TrainParams):
     # square in training time.
     train_scale: float = Field(1.0, gt=0.0, le=4.0)
     # In eval mode, maps and image logits averaged with those of the left-right mirrored slice (twice
-    # the inference time).
-    test_flip: bool = True
+    # the inference time). Off: it lifted the maps on the cohort but not the pseudo-masks (TUNING.md).
+    test_flip: bool = False
     # BCE of every map pixel against 0 on slices labelled negative (losses.heatmap_loss): what all
     # slices show, such as the brain's rim, then cannot stay warm on the positive ones.
     negative_pixel_weight: float = Field(0.0, ge=0.0)
