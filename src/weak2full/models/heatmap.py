@@ -194,7 +194,8 @@ class HeatmapNet(nn.Module):
         out = self._read(x, self.test_scale)
         if self.test_flip:
             # Test-time flip: map and image logits averaged with those of the mirrored slice. On 100
-            # held-out synthetic patients, point_acc +0.02 and map Dice +0.02 at 2x (docs/TUNING.md).
+            # held-out synthetic patients, point_acc +0.02 and map Dice +0.02 at 2x, yet no better
+            # pseudo-masks (docs/TUNING.md), so train_classifier.test_flip is off by default.
             mirror = self._read(x.flip(-1), self.test_scale)
             out["map"] = 0.5 * (out["map"] + mirror["map"].flip(-1))
             out["logits"] = 0.5 * (out["logits"] + mirror["logits"])
