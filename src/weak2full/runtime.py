@@ -25,7 +25,7 @@ def choose_device(setting: str = "auto") -> torch.device:
 
 def fast_bf16(device: torch.device) -> bool:
     """Whether bf16 autocast speeds training up on ``device``: any CUDA GPU, and a CPU whose oneDNN has
-    native bf16 kernels (AVX512-BF16 or AMX; on this 2-core Xeon a resnet18 UNet trains 2.1x faster at
+    native bf16 kernels (AVX512-BF16 or AMX; on this 2-core Xeon a resnet18 UNet trains 2.2x faster at
     128x128, bench/bench_train.py). Elsewhere bf16 would be emulated, slower than float32."""
     if device.type == "cuda":
         return True
