@@ -3,7 +3,7 @@
 :func:`predict_cams` runs a classifier forward only (``torch.no_grad``, batched) and returns the raw maps
 at ``heatmap_size`` plus image probabilities; :func:`run` streams the whole dataset through it in chunks
 of ``cams.chunk_size`` slices into ``cams.h5`` (contract in docs/ARCHITECTURE.md), with the network made
-forward-only by :func:`inference_model`.
+forward-only by :func:`weak2full.runtime.inference_model`.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from weak2full.data import model_input, source_stack
 from weak2full.errors import InvalidInputError
 from weak2full.h5 import SCHEMA_VERSION, DatasetFile, atomic_output
 from weak2full.params import InputParams
+from weak2full.runtime import inference_model
 
 __all__ = ["normalise_cam", "predict_cams", "inference_model", "NORMALISATION", "run"]
 
@@ -101,25 +102,6 @@ def predict_cams(
     if not cams:
         return np.zeros((0, 0, heatmap_size, heatmap_size), np.float32), np.zeros((0, 0), np.float32)
     return np.concatenate(cams), np.concatenate(probs)
-
-
-def inference_model(model: torch.nn.Module) -> tuple[torch.nn.Module, bool]:
-    """A forward-only version of ``model``: BatchNorm folded into the convolutions before it (torch.fx),
-    in channels_last; returns it and whether inputs should be channels_last.
-
-    On this 2-core CPU (bench/run_all.py, default heatmap network, batch 32 at 128x128) the cams stage
-    makes 1.6x the images/s it makes with the network as loaded (61.9 against 39.1; folding alone was
-    ~1.1x in a forward-only comparison: oneDNN's convolutions prefer NHWC); maps agree to ~1e-7. A
-    network torch.fx cannot trace is used unfolded.
-    """
-    from torch.fx.experimental.optimization import fuse
-
-    model = model.eval()
-    try:
-        model = fuse(model)
-    except Exception:  # noqa: BLE001 - an untraceable encoder only loses the folding
-        pass
-    return model.to(memory_format=torch.channels_last), True
 
 
 def run(

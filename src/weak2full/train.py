@@ -46,7 +46,15 @@ from weak2full.models import (
     save_disabled,
 )
 from weak2full.params import Params, TrainParams
-from weak2full.runtime import choose_device, fast_bf16, rng_state, seed_everything, set_rng_state, set_threads
+from weak2full.runtime import (
+    choose_device,
+    fast_bf16,
+    inference_model,
+    rng_state,
+    seed_everything,
+    set_rng_state,
+    set_threads,
+)
 
 __all__ = [
     "fit",
@@ -275,10 +283,12 @@ def classifier_metrics(
     :data:`MAP_THRESHOLDS` (``per_class[cls]["map_threshold"]``): do that on val, then score test at the
     val thresholds. Calibrating is needed because balanced sampling shifts a classifier's logits (a 50%
     positive batch is not the data's 11%), and gap_cam's max-normalised map has no natural threshold.
-    Masks are read through ``annotated_masks`` only.
+    Masks are read through ``annotated_masks`` only. The network runs in its inference form
+    (:func:`weak2full.runtime.inference_model`: BatchNorm folded, channels_last), as in the cams stage.
     """
     idx = np.asarray(idx, dtype=np.int64)
-    cam, prob = predict_cams(model, ds, idx, input_params, heatmap_size, batch_size, device)
+    net, channels_last = inference_model(model.to(device))
+    cam, prob = predict_cams(net, ds, idx, input_params, heatmap_size, batch_size, device, channels_last)
     labels = ds.labels_for(classes)[idx]
     per_class = {}
     annotated = ds.has_mask[idx]

@@ -19,6 +19,7 @@ from weak2full.data import build_channels, current_plane, source_stack
 from weak2full.errors import InvalidParameterError
 from weak2full.models._encoder import load_encoder_weights
 from weak2full.params import InputParams
+from weak2full.runtime import inference_model
 
 __all__ = ["create_segmenter", "predict_masks"]
 
@@ -93,16 +94,18 @@ def predict_masks(
     test-time augmentation, the logits of the slice and of its left-right mirror averaged (twice the
     inference; measured in docs/TUNING.md).
     """
-    model.eval().to(device)
+    net, channels_last = inference_model(model.to(device))
     idx = np.asarray(idx, dtype=np.int64)
     out = []
     for start in range(0, len(idx), batch_size):
         rows = idx[start : start + batch_size]
         planes = source_stack(dataset_file.h5["image"], rows, dataset_file.patient, input_params.mode)
         x = torch.from_numpy(build_channels(planes, input_params)).to(device)
-        logits = model(x).float()
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        logits = net(x).float()
         if flip:
-            logits = 0.5 * (logits + model(x.flip(-1)).float().flip(-1))
+            logits = 0.5 * (logits + net(x.flip(-1)).float().flip(-1))
         prob = torch.sigmoid(logits).cpu().numpy()
         if input_params.brain_mask:  # a bleed lies inside the skull (weak2full.brain)
             prob *= intracranial_mask(current_plane(planes, input_params.mode))[:, None]
