@@ -106,6 +106,16 @@ def test_slices_mode_repeats_edge_slices():
     assert nxt.tolist() == [1, 2, 2, 4, 4]
 
 
+def test_windows_neighbours_mode_stacks_the_windows_then_the_neighbours(make_params):
+    hu = np.stack([np.full((2, 2), v, np.float32) for v in (10.0, 40.0, 70.0)])[None]  # prev, current, next
+    ip = make_params(input={"mode": "windows_neighbours", "windows": [[40, 80], [40, 40]],
+                            "slice_window": [50, 100]}).input
+    x = data.build_channels(hu, ip)
+    assert ip.in_channels == 4 and x.shape == (1, 4, 2, 2)
+    # current 40 HU in each window, then prev 10 HU and next 70 HU in the slice window (0..100 HU)
+    assert x[0, :, 0, 0].tolist() == pytest.approx([0.5, 0.5, 0.1, 0.7])
+
+
 def test_classifier_stage_is_reproducible_and_writes_outputs(tiny, tmp_path, make_params):
     params = make_params(common={"device": "cpu"}, train_classifier={**HEAT, "epochs": 1})
     a = train.run_classifier(params, tiny, tmp_path / "a.pt", tmp_path / "a.json", tmp_path / "live")

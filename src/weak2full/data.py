@@ -102,7 +102,8 @@ def model_input(images, idx, patient: np.ndarray, input_params: InputParams, con
 def source_stack(images: np.ndarray, idx: np.ndarray, patient: np.ndarray, mode: str) -> np.ndarray:
     """HU planes a sample's channels are built from, float32 (n, P, H, W).
 
-    ``windows``: P = 1, the slice itself. ``slices``: P = 3, previous, current, next.
+    ``windows``: P = 1, the slice itself. ``slices`` and ``windows_neighbours``: P = 3, previous, current,
+    next.
     ``images`` is an h5py dataset or an array indexed by dataset row.
     """
     idx = np.asarray(idx, dtype=np.int64)
@@ -124,7 +125,8 @@ def build_channels(hu_planes: np.ndarray, input_params: InputParams) -> np.ndarr
     """Network channels from HU planes: (..., P, H, W) -> (..., C, H, W) float32 in 0..1.
 
     ``windows`` mode (P = 1): one channel per window in ``input.windows``. ``slices`` mode (P = 3):
-    previous/current/next slice, each in ``input.slice_window``.
+    previous/current/next slice, each in ``input.slice_window``. ``windows_neighbours`` (P = 3): the
+    current slice in every window of ``input.windows``, then previous and next in ``input.slice_window``.
     """
     hu_planes = np.asarray(hu_planes, dtype=np.float32)
     if input_params.skull_strip:  # outside the skull reads as air in every window (weak2full.brain)
@@ -133,7 +135,11 @@ def build_channels(hu_planes: np.ndarray, input_params: InputParams) -> np.ndarr
         plane = hu_planes[..., 0, :, :]
         return np.stack([window(plane, lv, wd) for lv, wd in input_params.windows], axis=-3)
     level, width = input_params.slice_window
-    return window(hu_planes, level, width)
+    if input_params.mode == "slices":
+        return window(hu_planes, level, width)
+    current = [window(hu_planes[..., 1, :, :], lv, wd) for lv, wd in input_params.windows]
+    neighbours = [window(hu_planes[..., k, :, :], level, width) for k in (0, 2)]
+    return np.stack(current + neighbours, axis=-3)
 
 
 def mask_targets(mask: np.ndarray, value_classes: Sequence[str], classes: Sequence[str]) -> np.ndarray:

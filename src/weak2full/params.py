@@ -164,8 +164,9 @@ class DataParams(_Section):
 class InputParams(_Section):
     """How HU slices become network channels (applied at load time, so no re-prepare)."""
 
-    # windows: one channel per CT window of the current slice; slices: prev/current/next in one window.
-    mode: Literal["windows", "slices"] = "windows"
+    # windows: one channel per CT window of the current slice; slices: prev/current/next in one window;
+    # windows_neighbours: the windows of the current slice, then prev and next in slice_window (2.5D).
+    mode: Literal["windows", "slices", "windows_neighbours"] = "windows"
     windows: list[Window] = Field(default_factory=lambda: [(40.0, 80.0), (80.0, 200.0), (600.0, 2800.0)])
     slice_window: Window = (25.0, 130.0)
     # CT: maps and segmenter masks are kept to the intracranial region found from HU alone
@@ -191,7 +192,8 @@ class InputParams(_Section):
 
     @property
     def in_channels(self) -> int:
-        return len(self.windows) if self.mode == "windows" else 3
+        extra = {"windows": 0, "slices": 3 - len(self.windows), "windows_neighbours": 2}[self.mode]
+        return len(self.windows) + extra
 
 
 # ------------------------------------------------------------------------------------------- training

@@ -226,7 +226,7 @@ def _pretrain_one(params: Params, network: str, dataset: Path, out: Path, device
         train_idx, val_idx, size = ds.indices("train"), ds.indices("val"), ds.height
     seed_everything(pp.seed)
     model, split_out, encoder, name = _build(params, network, ip.in_channels, len(classes), size)
-    pivot = ip.windows[0][0] if ip.mode == "windows" else ip.slice_window[0]
+    pivot = ip.slice_window[0] if ip.mode == "slices" else ip.windows[0][0]
     train_set = RandomisedSliceDataset(dataset, train_idx, ip, classes, "oracle", section.augment,
                                        contrast=pp.contrast, pivot=pivot)
     val_set = SliceDataset(dataset, val_idx, ip, classes, "oracle")
