@@ -34,6 +34,7 @@ def _pseudo(path, n=N):
     mask[1, 4, 4] = 255
     with h5py.File(path, "w") as f:
         f["mask"] = mask
+        f["trusted"] = (np.arange(n) != 3).astype(np.uint8)
         f["fg_fraction"] = (mask == 1).mean((1, 2)).astype(np.float32)
         f["ignore_fraction"] = (mask == 255).mean((1, 2)).astype(np.float32)
         f.attrs.update(kind="pseudo_masks", schema_version=SCHEMA_VERSION, classes=json.dumps(["any"]))
@@ -56,6 +57,7 @@ def test_export_writes_a_loadable_dataset_with_its_card(inputs):
     ds = load_pseudo_labels(out)
     assert ds.mask.shape == (N, SIZE, SIZE) and ds.mask[1, 4, 4] == 255
     assert ds.label[:, 0].tolist() == [0, 1, 0, 0, 0, 0]
+    assert ds.trusted.tolist() == [1, 1, 1, 0, 1, 1] and ds.card["untrusted_slices"] == 1
     assert ds.card["quality"]["pseudo_masks"]["test"]["crf"]["dice_pos"] == 0.61
     assert ds.card["class_balance"]["any"]["positive_slices"] == 1
     assert set(CARD_FIELDS) <= set(ds.card)

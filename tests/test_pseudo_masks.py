@@ -10,7 +10,15 @@ import torch
 from weak2full.errors import InvalidInputError, InvalidParameterError
 from weak2full.h5 import SCHEMA_VERSION, write_dataset
 from weak2full.params import parse_params
-from weak2full.pseudo_masks import IGNORE, make_pseudo_mask, raw_mask, run, upsample_bilinear
+from weak2full.pseudo_masks import (
+    IGNORE,
+    make_pseudo_mask,
+    map_peaks,
+    raw_mask,
+    run,
+    trusted_slices,
+    upsample_bilinear,
+)
 
 SIZE = 32  # image side
 S = 16  # map side (upsampled x2 to the image)
@@ -282,6 +290,45 @@ def test_fixed_thresholds_are_used_as_given(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------ bad input
+
+
+def test_peaks_are_the_raw_maximum_over_the_labelled_classes_only():
+    cam = np.zeros((3, 2, 4, 4), np.float32)
+    cam[:, 0, 1, 1], cam[:, 1, 2, 2] = 5.0, 9.0
+    labels = np.array([[1, 0], [1, 1], [0, 0]])
+    peaks = map_peaks(cam, labels, chunk_size=2, path="cams.h5")
+    assert peaks[:2].tolist() == [5.0, 9.0] and np.isnan(peaks[2])
+
+
+def test_the_weakest_share_of_labelled_train_slices_is_untrusted_and_the_cutoff_applies_everywhere():
+    peaks = np.array([np.nan, 1.0, 2.0, 3.0, 4.0, np.nan, 1.5, 3.5], np.float32)
+    labels = (~np.isnan(peaks))[:, None]
+    train = np.arange(6)  # rows 6 and 7 are val
+    trusted, cutoff = trusted_slices(peaks, labels, train, fraction=0.5)
+    assert cutoff == 2.5  # the median of the train peaks 1, 2, 3, 4
+    assert trusted.tolist() == [1, 0, 0, 1, 1, 1, 0, 1]  # negatives always trusted
+    trusted, cutoff = trusted_slices(peaks, labels, train, fraction=0.0)
+    assert trusted.all() and cutoff == -np.inf
+
+
+def test_stage_marks_a_slice_whose_map_peaks_weakly_untrusted(tmp_path):
+    dataset, cams = _files(tmp_path)  # labelled slices 1 and 3 are train, 5 and 7 val, 9 test
+    with h5py.File(cams, "r") as f:
+        c, p = f["cam"][:].astype(np.float32), f["prob"][:]
+    c[1] -= 3.0  # the same map, peaking lower
+    c[7] -= 3.0
+    _rewrite_cams(cams, cam=c, prob=p)
+    out = _run(tmp_path, _params(untrusted_fraction=0.5), dataset, cams)
+    with h5py.File(out, "r") as f:
+        assert f["trusted"][:].tolist() == [1, 0, 1, 1, 1, 1, 1, 0, 1, 1]
+        np.testing.assert_allclose(f["map_peak"][1::2], c[1::2].max(axis=(1, 2, 3)))
+        assert np.isnan(f["map_peak"][::2]).all()
+        assert f.attrs["trust_cutoff"] == np.quantile(c[[1, 3]].max(axis=(1, 2, 3)), 0.5)
+    trust = json.loads((tmp_path / "a" / "m.json").read_text())["trust"]
+    assert (trust["train_labelled_slices"], trust["train_untrusted_slices"]) == (2, 1)
+    assert trust["val"]["trusted"]["slices"] == 1 and trust["val"]["untrusted"]["slices"] == 1
+    assert trust["test"]["untrusted"] == {"slices": 0, "dice_pos": None}
+    assert trust["test"]["trusted"]["dice_pos"] > 0.7
 
 
 def _rewrite_cams(cams, **changes):

@@ -18,10 +18,12 @@ TINY_SEG = dict(arch="Unet", encoder="resnet18", decoder_channels=[16, 16, 8, 8,
                 crop_size=None, steps_per_epoch=3, epochs=1, augment=dict(affine=0.0))
 
 
-def write_pseudo(path, mask: np.ndarray, classes=("any",)):
-    """A minimal pseudo_masks.h5 (the contract's datasets and attributes)."""
+def write_pseudo(path, mask: np.ndarray, classes=("any",), trusted=None):
+    """A minimal pseudo_masks.h5 (the contract's datasets and attributes; ``trusted`` flags if given)."""
     with h5py.File(path, "w") as f:
         f["mask"] = mask.astype(np.uint8)
+        if trusted is not None:
+            f["trusted"] = np.asarray(trusted, np.uint8)
         f["fg_fraction"] = ((mask > 0) & (mask != 255)).mean(axis=(1, 2)).astype(np.float32)
         f["ignore_fraction"] = (mask == 255).mean(axis=(1, 2)).astype(np.float32)
         f.attrs.update(kind="pseudo_masks", schema_version=h5.SCHEMA_VERSION,
@@ -106,6 +108,34 @@ def test_segmenter_stage_trains_on_pseudo_masks_and_predicts(tmp_path, make_para
         score = lambda keep: train.segmenter_metrics(model, f, rows, params.input, ["any"], keep=keep)  # noqa
         assert score(np.ones(len(rows), bool)) == score(None)
         assert score(np.zeros(len(rows), bool)) == {"dice_pos": 0.0, "fp_slice_rate": 0.0}
+
+
+def test_segmenter_does_not_train_on_slices_marked_untrusted(tmp_path, make_params):
+    ds = tiny_dataset(tmp_path / "dataset.h5")
+    with h5.DatasetFile(ds) as f:
+        truth = f.all_masks(np.arange(f.n))  # test fixture only
+        train_rows = f.indices("train")
+    untrusted = train_rows[truth[train_rows].any(axis=(1, 2))][::2]  # half the positive train slices
+    trusted = np.ones(len(truth), np.uint8)
+    trusted[untrusted] = 0
+    params = make_params(common={"device": "cpu"}, train_segmenter=TINY_SEG)
+    rng = np.random.default_rng(0)
+
+    def weights(flags, tag):  # the untrusted slices' masks replaced by fresh garbage each time
+        mask = truth.copy()
+        mask[untrusted] = rng.integers(0, 2, mask[untrusted].shape)
+        pseudo = write_pseudo(tmp_path / f"{tag}.h5", mask, trusted=flags)
+        train.run_segmenter(params, ds, pseudo, tmp_path / f"{tag}.pt", None)
+        return load_model(tmp_path / f"{tag}.pt", arch="segmenter")[0].state_dict()
+
+    def same(a, b):
+        return all(torch.equal(a[k], b[k]) for k in a)
+
+    assert same(weights(trusted, "a"), weights(trusted, "b"))  # what they hold does not matter
+    assert not same(weights(None, "c"), weights(None, "d"))  # without the flags it does
+    bad = write_pseudo(tmp_path / "bad.h5", truth, trusted=trusted[:-1])
+    with pytest.raises(InvalidInputError, match=r"bad.h5: trusted flags of shape \(\d+,\), but .*re-run"):
+        train.run_segmenter(params, ds, bad, tmp_path / "bad.pt", None)
 
 
 def test_masks_without_a_class_are_refused():

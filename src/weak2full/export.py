@@ -4,7 +4,9 @@
 
 * ``pseudo_labels.h5``: the pseudo-masks with everything needed to use them without our dataset.h5:
   ``mask`` uint8 (N,H,W) 0 / k / 255 ignore, ``label`` uint8 (N,K) image labels, ``patient``, ``slice``,
-  ``split``, ``fg_fraction``, ``ignore_fraction``; attributes ``kind="pseudo_labels"``, ``classes``;
+  ``split``, ``fg_fraction``, ``ignore_fraction``, ``trusted`` (uint8 (N,): 0 where the slice's map
+  peaked too weakly to be trusted; our segmenter skips those); attributes ``kind="pseudo_labels"``,
+  ``classes``;
 * ``nifti/<patient>.nii.gz``: one mask volume per patient (z last, as NIfTI tools expect), optional;
 * ``card.json`` and ``card.md``: where it came from (source, git revision, the params of every stage, a
   hash of the inputs), its measured quality on the annotated subset, class balance, ignore fraction, and
@@ -93,6 +95,8 @@ def run(
         labels = data.labels_for(classes)
         fg = pm["fg_fraction"][:]
         ignore = pm["ignore_fraction"][:]
+        # pseudo_masks.h5 files from before the trust rule have no flags: every slice trusted
+        trusted = pm["trusted"][:] if "trusted" in pm else np.ones(n, np.uint8)
         quality = {Path(m).stem: _read_json(Path(m)) for m in metrics}
         card = {
             "name": name,
@@ -113,6 +117,7 @@ def run(
             },
             "ignore_fraction": float(ignore.mean()),
             "foreground_fraction": float(fg.mean()),
+            "untrusted_slices": int((trusted == 0).sum()),
             "quality": quality,
             "files": {"pseudo_labels.h5": "masks, labels, patient/slice/split"},
         }
@@ -122,7 +127,7 @@ def run(
                 h, w = data.height, data.width
                 for key, arr in (("mask", None), ("label", labels), ("patient", data.patient),
                                  ("slice", data.slice), ("split", data.split),
-                                 ("fg_fraction", fg), ("ignore_fraction", ignore)):
+                                 ("fg_fraction", fg), ("ignore_fraction", ignore), ("trusted", trusted)):
                     if key == "mask":
                         ds = f.create_dataset("mask", (n, h, w), np.uint8, chunks=(1, h, w),
                                               compression="gzip", track_times=False)
@@ -179,7 +184,8 @@ def _card_markdown(card: dict) -> str:
     lines += [
         "",
         f"Mean ignore fraction: {card['ignore_fraction']:.4f}; mean foreground fraction: "
-        f"{card.get('foreground_fraction', float('nan')):.4f}.",
+        f"{card.get('foreground_fraction', float('nan')):.4f}. Untrusted slices (`trusted` 0: the map "
+        f"peaked too weakly, so the mask is likely off the bleed): {card.get('untrusted_slices', 0)}.",
         "",
         "## Measured quality on the annotated subset",
         "",
@@ -216,6 +222,7 @@ class PseudoLabels:
     patient: np.ndarray
     slice: np.ndarray
     split: np.ndarray
+    trusted: np.ndarray  # (N,) uint8, 0 where the slice's map peaked too weakly to be trusted
 
 
 def load_pseudo_labels(folder: str | Path) -> PseudoLabels:
@@ -231,6 +238,8 @@ def load_pseudo_labels(folder: str | Path) -> PseudoLabels:
     h5_path = folder / "pseudo_labels.h5"
     with open_checked(h5_path, "pseudo_labels") as f:
         arrays = {k: f[k][:] for k in ("mask", "label", "patient", "slice", "split")}
+        n = arrays["mask"].shape[0]  # an export from before the trust rule has no flags: all trusted
+        arrays["trusted"] = f["trusted"][:] if "trusted" in f else np.ones(n, np.uint8)
     if arrays["mask"].shape[0] != card["n_slices"]:
         raise InvalidInputError(
             f"{h5_path}: {arrays['mask'].shape[0]} slices, but the card says {card['n_slices']}."

@@ -368,6 +368,11 @@ class PseudoMaskParams(_Section):
     bg: float = Field(0.1, ge=0.0, le=1.0)
     crf: CRFParams = CRFParams()
     calibration: CalibrationParams = CalibrationParams()
+    # Share of the label-positive train slices, those whose map peaks lowest (the highest raw map value
+    # over the labelled classes), marked untrusted: the segmenter does not train on them. A weak peak is
+    # most often off the bleed, so its mask teaches a false bleed and calls the true one background
+    # (docs/TUNING.md). The cut-off found on train applies to every split. 0 trusts every slice.
+    untrusted_fraction: float = Field(0.4, ge=0.0, lt=1.0)
     workers: int = Field(0, ge=0)  # 0: all cores
     chunk_size: int = Field(256, ge=1)
 

@@ -6,7 +6,9 @@ pixels by the normalised map ``m`` (the maximum over the labelled classes) into 
 (``m < bg``), confident foreground (``m >= fg``) and the band between, and let the CRF refine. The stage
 (:func:`run`) streams ``cams.h5`` in chunks through a process pool into ``pseudo_masks.h5``, calibrates
 ``fg``, ``bg`` and ``crf.compat`` on the annotated val slices (:func:`calibrate`), and scores the raw
-and the CRF masks on the annotated val and test slices.
+and the CRF masks on the annotated val and test slices. It also marks each slice trusted or not
+(:func:`trusted_slices`): a labelled slice whose map peaks weakly most often points off the bleed, and the
+segmenter does not train on it.
 
 Mask values: 0 background, k for ``classes[k-1]``, 255 ignore (no training signal there).
 """
@@ -40,6 +42,8 @@ __all__ = [
     "upsample_bilinear",
     "raw_mask",
     "make_pseudo_mask",
+    "map_peaks",
+    "trusted_slices",
     "calibrate",
     "run",
 ]
@@ -262,6 +266,43 @@ def _finite(cam: np.ndarray, path: Path, first: int | np.ndarray) -> np.ndarray:
             "(a diverged classifier gives such maps)."
         )
     return cam
+
+
+# ------------------------------------------------------------------------------------------ trust
+
+
+def map_peaks(cam_ds, labels: np.ndarray, chunk_size: int, path: Path) -> np.ndarray:
+    """Each slice's highest raw map value over the classes it is labelled with, float32 (N,); NaN for a
+    slice labelled negative (no map of it counts). Raw: before normalisation, so peaks compare across
+    slices (the ``relative`` normalisation sets every peak to 1)."""
+    labels = np.asarray(labels).astype(bool)
+    peaks = np.full(len(labels), np.nan, dtype=np.float32)
+    for start, stop in _chunks(len(labels), chunk_size):
+        todo = np.flatnonzero(labels[start:stop].any(axis=1))
+        if todo.size == 0:
+            continue
+        cams = _finite(np.asarray(cam_ds[start:stop], dtype=np.float32), path, start)
+        per_class = cams.reshape(cams.shape[0], cams.shape[1], -1).max(axis=2)  # (n, K)
+        peaks[start + todo] = np.where(labels[start:stop], per_class, -np.inf)[todo].max(axis=1)
+    return peaks
+
+
+def trusted_slices(peaks: np.ndarray, labels: np.ndarray, train: np.ndarray,
+                   fraction: float) -> tuple[np.ndarray, float]:
+    """Which slices the segmenter may train on: uint8 (N,) flags and the peak cut-off.
+
+    A slice labelled negative is always trusted (its all-background mask is its label). A labelled slice
+    is trusted when its peak (:func:`map_peaks`) reaches the ``fraction`` quantile of the peaks of the
+    labelled ``train`` rows, so about that share of them is untrusted; the same cut-off applies to
+    every split. Why: the mask of a slice whose map peaks off the bleed marks a false bleed and calls the
+    true one background, and those maps peak weakly (docs/TUNING.md). ``fraction`` 0 trusts every slice.
+    """
+    labelled = np.asarray(labels).astype(bool).any(axis=1)
+    pool = peaks[train][labelled[train]]
+    cutoff = float(np.quantile(pool, fraction)) if fraction > 0 and pool.size else -np.inf
+    with np.errstate(invalid="ignore"):  # NaN peaks are the label-negative slices, trusted anyway
+        trusted = ~labelled | (peaks >= cutoff)
+    return trusted.astype(np.uint8), cutoff
 
 
 # ------------------------------------------------------------------------------------------ scoring
@@ -491,6 +532,22 @@ def _open_inputs(params: Params, dataset: Path, cams: Path):
     return ds, f, str(normalisation), labels
 
 
+def _trust_summary(fraction, cutoff, trusted, labels, train, trust_dice) -> dict:
+    """metrics/pseudo_masks.json ``trust``: the rule, how many labelled train slices it left out, and per
+    scored split the output masks' dice_pos on trusted and on untrusted labelled slices."""
+    labelled = labels.any(axis=1)[train]
+    mean = lambda v: float(np.mean(v)) if v else None  # noqa: E731
+    return {
+        "untrusted_fraction": float(fraction),
+        "cutoff": cutoff if np.isfinite(cutoff) else None,
+        "train_labelled_slices": int(labelled.sum()),
+        "train_untrusted_slices": int((labelled & (trusted[train] == 0)).sum()),
+        **{split: {"trusted": {"slices": len(t), "dice_pos": mean(t)},
+                   "untrusted": {"slices": len(u), "dice_pos": mean(u)}}
+           for split, (t, u) in trust_dice.items()},
+    }
+
+
 def _write_plots(folder: Path, cal: dict) -> None:
     """``calibration.csv`` (the search table, for `dvc plots`) and ``calibration.png`` (Dice vs threshold)."""
     cols = ["fg", "bg", "compat", "dice_pos_raw", "dice_pos_crf"]
@@ -576,7 +633,10 @@ def run(
         crf = pm.crf.model_copy(update={"compat": float(compat)})
         settings = (normalisation, fg, bg, crf)
 
+        peaks = map_peaks(cam_ds, labels, pm.chunk_size, cams)
+        trusted, cutoff = trusted_slices(peaks, labels, ds.indices("train"), pm.untrusted_fraction)
         scored = {"val": ds.has_mask & (ds.split == 1), "test": ds.has_mask & (ds.split == 2)}
+        trust_dice: dict = {split: ([], []) for split in scored}  # per split: Dice of trusted, untrusted
         keys = _scorable(classes, ds.mask_classes)
         variants = ("raw", "crf") if crf.enabled else ("raw",)
         scores = _Scores()
@@ -640,12 +700,18 @@ def run(
                     scores.add(split, "raw", raw, truths, classes)
                     if crf.enabled:
                         scores.add(split, "crf", block[j], truths, classes)
+                    if labels[start + j].any() and truths["any"].any():  # the output mask's Dice
+                        out_fg, t = (block[j] > 0) & (block[j] != IGNORE), truths["any"]
+                        dice = 2 * np.count_nonzero(out_fg & t) / (out_fg.sum() + t.sum())
+                        trust_dice[split][1 - int(trusted[start + j])].append(float(dice))
             progress.update(stop - start)
 
         with atomic_output(out) as tmp, h5py.File(tmp, "w", track_order=True) as f:
             f.create_dataset("mask", (n, h, w), dtype=np.uint8, chunks=(1, h, w), track_times=False)
             f.create_dataset("fg_fraction", (n,), dtype=np.float32, track_times=False)
             f.create_dataset("ignore_fraction", (n,), dtype=np.float32, track_times=False)
+            f.create_dataset("map_peak", data=peaks, track_times=False)
+            f.create_dataset("trusted", data=trusted, track_times=False)
             f.attrs["kind"] = "pseudo_masks"
             f.attrs["schema_version"] = SCHEMA_VERSION
             f.attrs["classes"] = json.dumps(classes)
@@ -653,6 +719,7 @@ def run(
             f.attrs["bg"] = float(bg)
             f.attrs["crf"] = json.dumps(crf.model_dump(mode="json"), sort_keys=True)
             f.attrs["thresholds"] = pm.thresholds
+            f.attrs["trust_cutoff"] = cutoff
             progress = stack.enter_context(tqdm(total=n, desc="pseudo_masks", unit="slice"))
             # Chunk i+1 is read and queued before chunk i is written: the workers never wait on I/O.
             for chunk in _one_ahead(computed(0, n) if distributed.world() == 1 else merged()):
@@ -666,6 +733,8 @@ def run(
                     "compat": float(compat),
                 },
                 "crf_enabled": crf.enabled,
+                "trust": _trust_summary(pm.untrusted_fraction, cutoff, trusted, labels, ds.indices("train"),
+                                        trust_dice),
             }
             for split in scored:
                 result[split] = {v: scores.summary(split, v, keys) for v in variants}

@@ -35,7 +35,7 @@ from weak2full import distributed, losses
 from weak2full.cams import NORMALISATION, normalise_cam, predict_cams
 from weak2full.data import BalancedBatchSampler, SliceDataset
 from weak2full.errors import InvalidInputError
-from weak2full.h5 import DatasetFile, atomic_output, file_sha256, truth_mask, write_json
+from weak2full.h5 import DatasetFile, atomic_output, file_sha256, open_checked, truth_mask, write_json
 from weak2full.metrics import dice_per_slice, dice_pos_and_fp_rate
 from weak2full.models import (
     create_model,
@@ -489,9 +489,17 @@ def _train_segmenter(
 
 def run_segmenter(params: Params, dataset, pseudo, out_model, live_dir="dvclive/train_segmenter",
                   pretrained=None) -> dict:
-    """train_segmenter stage: smp segmenter on the pseudo-masks of the train split (negatives included)."""
+    """train_segmenter stage: smp segmenter on the pseudo-masks of the train split (negatives included),
+    leaving out the slices pseudo_masks.h5 marks untrusted (``trusted`` 0; a file without it trusts all)."""
     with DatasetFile(dataset) as ds:
-        train_idx = ds.indices("train")
+        train_idx, n = ds.indices("train"), ds.n
+    with open_checked(pseudo, "pseudo_masks") as p:
+        trusted = p["trusted"][:] if "trusted" in p else None
+    if trusted is not None:
+        if trusted.shape != (n,):
+            raise InvalidInputError(f"{pseudo}: trusted flags of shape {trusted.shape}, but {dataset} has "
+                                    f"{n} slices; re-run pseudo_masks.")
+        train_idx = train_idx[trusted[train_idx] > 0]
     train_set = SliceDataset(dataset, train_idx, params.input, params.common.classes, "pseudo",
                              params.train_segmenter.augment, pseudo_path=pseudo,
                              crop_size=params.train_segmenter.crop_size)
