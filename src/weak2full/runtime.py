@@ -85,7 +85,7 @@ def set_threads(n: int | None = None) -> int:
 def inference_model(model: torch.nn.Module) -> tuple[torch.nn.Module, bool]:
     """A forward-only copy of ``model``: BatchNorm folded into the convolutions before it (torch.fx), in
     channels_last; returns it and whether inputs should be channels_last. ``model`` itself is left as
-    it was (but for ``eval()``), so a training loop may validate through this.
+    it was (but switched to eval mode), so a training loop may validate through this.
 
     On this 2-core CPU (bench/run_all.py, default heatmap network, batch 32 at 128x128) the cams stage
     makes 1.6x the images/s it makes with the network as loaded (61.9 against 39.1; folding alone was
