@@ -119,7 +119,7 @@ def run(
             "foreground_fraction": float(fg.mean()),
             "untrusted_slices": int((trusted == 0).sum()),
             "quality": quality,
-            "files": {"pseudo_labels.h5": "masks, labels, patient/slice/split"},
+            "files": {"pseudo_labels.h5": "masks, labels, patient/slice/split, trusted flags"},
         }
         with atomic_output(out) as tmp:
             tmp.mkdir()
