@@ -192,8 +192,9 @@ class InputParams(_Section):
 
     @property
     def in_channels(self) -> int:
-        extra = {"windows": 0, "slices": 3 - len(self.windows), "windows_neighbours": 2}[self.mode]
-        return len(self.windows) + extra
+        if self.mode == "slices":
+            return 3
+        return len(self.windows) + (2 if self.mode == "windows_neighbours" else 0)
 
 
 # ------------------------------------------------------------------------------------------- training

@@ -35,6 +35,7 @@ from weak2full.cams import normalise_cam
 from weak2full.crf import refine, window_u8
 from weak2full.errors import InvalidInputError, InvalidParameterError
 from weak2full.h5 import SCHEMA_VERSION, DatasetFile, atomic_output, open_checked, truth_mask, write_json
+from weak2full.metrics import dice_per_slice
 from weak2full.params import CRFParams, Params
 
 __all__ = [
@@ -701,8 +702,8 @@ def run(
                     if crf.enabled:
                         scores.add(split, "crf", block[j], truths, classes)
                     if labels[start + j].any() and truths["any"].any():  # the output mask's Dice
-                        out_fg, t = (block[j] > 0) & (block[j] != IGNORE), truths["any"]
-                        dice = 2 * np.count_nonzero(out_fg & t) / (out_fg.sum() + t.sum())
+                        out_fg = (block[j] > 0) & (block[j] != IGNORE)
+                        dice = dice_per_slice(out_fg[None], truths["any"][None])[0]
                         trust_dice[split][1 - int(trusted[start + j])].append(float(dice))
             progress.update(stop - start)
 
