@@ -47,7 +47,7 @@ def throughput(net: str, dataset: Path, size: int, workers: int, steps: int, war
     params = parse_params({section: {"num_workers": workers, "epochs": 1, "steps_per_epoch": warmup + steps,
                                      "resume": False, "amp": amp}})
     p = getattr(params, section)
-    ip = params.input
+    ip = params.input if net == "classifier" else params.input.for_segmenter()
     torch.manual_seed(0)
     if net == "classifier":
         arch, targets = "heatmap", "label"
@@ -88,16 +88,17 @@ def flops(net: str, size: int) -> float:
     arch, p = {"classifier": ("heatmap", params.train_classifier),
                "gap_cam": ("gap_cam", params.baseline_cam),
                "segmenter": ("segmenter", params.train_segmenter)}[net]
-    model = create_model(arch, model_config(arch, p, params.input.in_channels, 1, size)).eval()
+    channels = (params.input.for_segmenter() if net == "segmenter" else params.input).in_channels
+    model = create_model(arch, model_config(arch, p, channels, 1, size)).eval()
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        model(torch.zeros(1, params.input.in_channels, size, size))
+        model(torch.zeros(1, channels, size, size))
     return float(counter.get_total_flops())
 
 
 def loader_ms(dataset: Path, augment: bool, n: int = 64) -> float:
     """CPU ms to read, augment (or not) and window one training sample, in this process."""
     params = parse_params({})
-    ds = SliceDataset(dataset, np.arange(_rows(dataset)), params.input, ["any"], "oracle",
+    ds = SliceDataset(dataset, np.arange(_rows(dataset)), params.input.for_segmenter(), ["any"], "oracle",
                       params.train_segmenter.augment if augment else None)
     ds[(0, 0)]  # opens the file
     t0 = time.process_time()

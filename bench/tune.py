@@ -39,7 +39,7 @@ from weak2full.errors import InvalidParameterError
 from weak2full.h5 import DatasetFile, truth_mask
 from weak2full.metrics import dice_per_slice, dice_pos_and_fp_rate
 from weak2full.models import load_model, predict_masks
-from weak2full.params import load_params, parse_params
+from weak2full.params import InputParams, load_params, parse_params
 
 THRESHOLDS = (0.3, 0.5, 0.7, 0.9)
 AREA_BINS = ((0, 30), (30, 100), (100, 300), (300, None))  # bleed pixels on the slice
@@ -93,16 +93,17 @@ def main() -> None:
         else:
             train.run_classifier(params, args.dataset, model_path, Path(tmp) / "metrics.json", live_dir=None)
         row["train_s"] = round(time.perf_counter() - t0, 1)
-        model, _ = load_model(model_path)
+        model, ckpt = load_model(model_path)
+        ip = InputParams(**ckpt["input"])  # what the network saw (input.segmenter_windows for segmenters)
         with DatasetFile(path) as ds:
             idx = scored_rows(ds)
             if args.network == "classifier":
-                r = train.classifier_metrics(model, ds, idx, params.input, classes, "heatmap",
+                r = train.classifier_metrics(model, ds, idx, ip, classes, "heatmap",
                                              params.train_classifier.heatmap_size)
                 row.update({k: round(r[k], 4) for k in ("auroc", "ap", "point_acc", "map_dice")})
             else:
                 # the first class; read as evaluate reads it (evaluate.flip_tta)
-                prob = predict_masks(model, ds, idx, params.input, flip=params.evaluate.flip_tta)[:, 0]
+                prob = predict_masks(model, ds, idx, ip, flip=params.evaluate.flip_tta)[:, 0]
                 truth = truth_mask(ds.annotated_masks(idx), ds.mask_classes, classes[0])
                 for t in THRESHOLDS:
                     row[f"dice_pos, fp_slice_rate @ {t}"] = [round(v, 4) for v in

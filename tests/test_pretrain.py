@@ -43,6 +43,7 @@ def pretrained(tmp_path_factory):
 def test_pretraining_saves_encoders_the_classifiers_and_segmenters_load(pretrained):
     params, out, result = pretrained
     ip, size = params.input, params.data.image_size
+    seg_channels = ip.for_segmenter().in_channels  # input.segmenter_windows
     saved = torch.load(out / "classifier_encoder.pt", weights_only=True)["state_dict"]
     for arch, section in (("heatmap", params.train_classifier), ("gap_cam", params.baseline_cam)):
         weights = resolve_encoder_weights("synthetic", out / "classifier_encoder.pt", "x")
@@ -53,7 +54,7 @@ def test_pretraining_saves_encoders_the_classifiers_and_segmenters_load(pretrain
             assert own[k].shape == v.shape and torch.equal(own[k], v), k
     saved = torch.load(out / "segmenter_encoder.pt", weights_only=True)["state_dict"]
     for section in (params.train_segmenter, params.train_oracle):
-        model = create_model("segmenter", model_config("segmenter", section, ip.in_channels, 1, 0),
+        model = create_model("segmenter", model_config("segmenter", section, seg_channels, 1, 0),
                              str(out / "segmenter_encoder.pt"))
         own = model.encoder.state_dict()
         assert own.keys() == saved.keys()

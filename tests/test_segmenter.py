@@ -13,6 +13,7 @@ from test_train import tiny_dataset
 from weak2full import data, h5, losses, train
 from weak2full.errors import InvalidInputError, InvalidParameterError
 from weak2full.models import create_segmenter, load_model, predict_masks
+from weak2full.params import InputParams
 
 TINY_SEG = dict(arch="Unet", encoder="resnet18", decoder_channels=[16, 16, 8, 8, 8], batch_size=4,
                 crop_size=None, steps_per_epoch=3, epochs=1, augment=dict(affine=0.0))
@@ -99,13 +100,14 @@ def test_segmenter_stage_trains_on_pseudo_masks_and_predicts(tmp_path, make_para
     assert {"dice_pos", "fp_slice_rate"} <= set(metrics)
     model, ckpt = load_model(tmp_path / "seg.pt", arch="segmenter")
     with h5.DatasetFile(ds) as f:
-        prob = predict_masks(model, f, [5, 1, 3], params.input, batch_size=2)
+        prob = predict_masks(model, f, [5, 1, 3], params.input.for_segmenter(), batch_size=2)
     assert prob.shape == (3, 1, 32, 32) and prob.dtype == np.float32 and 0 <= prob.min() <= prob.max() <= 1
     # A cascade's gate: rows where ``keep`` is False predict nothing, so they find no bleed and fire on
     # no negative slice; keeping every row changes nothing.
     with h5.DatasetFile(ds) as f:
         rows = f.indices("test")
-        score = lambda keep: train.segmenter_metrics(model, f, rows, params.input, ["any"], keep=keep)  # noqa
+        ip = params.input.for_segmenter()
+        score = lambda keep: train.segmenter_metrics(model, f, rows, ip, ["any"], keep=keep)  # noqa
         assert score(np.ones(len(rows), bool)) == score(None)
         assert score(np.zeros(len(rows), bool)) == {"dice_pos": 0.0, "fp_slice_rate": 0.0}
 
@@ -138,6 +140,29 @@ def test_segmenter_does_not_train_on_slices_marked_untrusted(tmp_path, make_para
         train.run_segmenter(params, ds, bad, tmp_path / "bad.pt", None)
 
 
+def test_segmenter_and_oracle_read_input_segmenter_windows(tmp_path, make_params):
+    ds = tiny_dataset(tmp_path / "dataset.h5")
+    with h5.DatasetFile(ds) as f:
+        pseudo = write_pseudo(tmp_path / "pseudo.h5", f.all_masks(np.arange(f.n)))  # test fixture only
+    four = [[40.0, 80.0], [80.0, 200.0], [600.0, 2800.0], [40.0, 40.0]]
+    params = make_params(common={"device": "cpu"}, input={"segmenter_windows": four},
+                         train_segmenter=TINY_SEG, train_oracle=TINY_SEG)
+    assert params.input.in_channels == 3  # the classifiers keep input.windows
+    assert make_params(input={"segmenter_windows": None}).input.for_segmenter().in_channels == 3
+    train.run_segmenter(params, ds, pseudo, tmp_path / "seg.pt", None)
+    train.run_oracle(params, ds, tmp_path / "oracle.pt", None)
+    for name in ("seg.pt", "oracle.pt"):
+        model, ckpt = load_model(tmp_path / name, arch="segmenter")
+        ip = InputParams(**ckpt["input"])  # evaluate rebuilds the input from the checkpoint
+        assert [list(w) for w in ip.windows] == four and ip.in_channels == 4
+        first_conv = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d))
+        assert first_conv.in_channels == 4
+        with h5.DatasetFile(ds) as f:
+            assert predict_masks(model, f, [0, 1], ip).shape == (2, 1, 32, 32)
+    with pytest.raises(InvalidParameterError, match="input.segmenter_windows.*width > 0"):
+        make_params(input={"segmenter_windows": [[40.0, 0.0]]})
+
+
 def test_masks_without_a_class_are_refused():
     expected = r"pseudo.h5: masks hold the classes \['any'\].*\['subdural'\]"
     with pytest.raises(InvalidInputError, match=expected):
@@ -161,16 +186,16 @@ def test_segmenter_encoder_weights_file_is_checked(tmp_path):
 def test_crop_training_sees_foreground_patches_and_predicts_whole_slices(tmp_path, make_params):
     ds = tiny_dataset(tmp_path / "dataset.h5")
     params = make_params(common={"device": "cpu"}, train_oracle={**TINY_SEG, "crop_size": 16})
-    train_set = data.SliceDataset(ds, np.arange(16), params.input, ["any"], "oracle",
+    train_set = data.SliceDataset(ds, np.arange(16), params.input.for_segmenter(), ["any"], "oracle",
                                   params.train_oracle.augment, crop_size=16)
     for pos in np.flatnonzero(train_set.positive):
         x, y = train_set[(int(pos), 7)]
-        assert x.shape == (3, 16, 16) and y.shape == (1, 16, 16)
+        assert x.shape == (4, 16, 16) and y.shape == (1, 16, 16)
         assert y.max() == 1  # the patch of a positive slice holds lesion pixels
     train.run_oracle(params, ds, tmp_path / "oracle.pt", None)
     model, _ = load_model(tmp_path / "oracle.pt", arch="segmenter")
     with h5.DatasetFile(ds) as f:
-        assert predict_masks(model, f, [1], params.input).shape == (1, 1, 32, 32)
+        assert predict_masks(model, f, [1], params.input.for_segmenter()).shape == (1, 1, 32, 32)
 
 
 def test_upsampled_segmenter_works_on_the_enlarged_slice_and_answers_on_its_grid(tmp_path, make_params):
@@ -184,7 +209,7 @@ def test_upsampled_segmenter_works_on_the_enlarged_slice_and_answers_on_its_grid
     model, ckpt = load_model(tmp_path / "oracle.pt", arch="segmenter")
     assert ckpt["config"]["upsample"] == 2 and model.factor == 2
     with h5.DatasetFile(ds) as f:
-        assert predict_masks(model, f, [1, 2], params.input).shape == (2, 1, 32, 32)
+        assert predict_masks(model, f, [1, 2], params.input.for_segmenter()).shape == (2, 1, 32, 32)
 
 
 def test_flip_tta_averages_the_logits_of_the_slice_and_its_mirror(tmp_path, make_params):

@@ -35,7 +35,8 @@ MRI = {
     "data": {"source": "nifti-folder", "path": "../shared/data/open_ms_data", "intensity": "percentile",
              "split": {"val_fraction": 0.34, "test_fraction": 0.33}},
     # FLAIR scaled to 0..1000 per volume: lesions are hyperintense, so windows sit high.
-    "input": {"windows": [[500.0, 1000.0], [650.0, 500.0], [800.0, 400.0]], "brain_mask": False},
+    "input": {"windows": [[500.0, 1000.0], [650.0, 500.0], [800.0, 400.0]], "segmenter_windows": None,
+              "brain_mask": False},
     "export": {"name": "open-ms-pseudo"},
 }
 

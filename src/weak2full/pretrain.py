@@ -220,7 +220,8 @@ def _validate(model, split_out, val_set: SliceDataset, pp: PretrainParams, batch
 
 
 def _pretrain_one(params: Params, network: str, dataset: Path, out: Path, device) -> dict:
-    pp, ip, classes = params.pretrain, params.input, list(params.common.classes)
+    pp, classes = params.pretrain, list(params.common.classes)
+    ip = params.input.for_segmenter() if network == "segmenter" else params.input
     section = getattr(pp, network)
     with DatasetFile(dataset) as ds:
         train_idx, val_idx, size = ds.indices("train"), ds.indices("val"), ds.height

@@ -455,7 +455,7 @@ def _train_segmenter(
     params: Params, section, train_set: SliceDataset, dataset, out_model, live_dir, desc: str, pretrained=None
 ) -> dict:
     device = _setup(params)
-    classes, ip = list(params.common.classes), params.input
+    classes, ip = list(params.common.classes), params.input.for_segmenter()
     config = model_config("segmenter", section, ip.in_channels, len(classes), 0)
     key = "train_segmenter.encoder_weights" if desc == "segmenter" else "train_oracle.encoder_weights"
     model = create_model("segmenter", config, resolve_encoder_weights(section.encoder_weights, pretrained,
@@ -500,8 +500,8 @@ def run_segmenter(params: Params, dataset, pseudo, out_model, live_dir="dvclive/
             raise InvalidInputError(f"{pseudo}: trusted flags of shape {trusted.shape}, but {dataset} has "
                                     f"{n} slices; re-run pseudo_masks.")
         train_idx = train_idx[trusted[train_idx] > 0]
-    train_set = SliceDataset(dataset, train_idx, params.input, params.common.classes, "pseudo",
-                             params.train_segmenter.augment, pseudo_path=pseudo,
+    train_set = SliceDataset(dataset, train_idx, params.input.for_segmenter(), params.common.classes,
+                             "pseudo", params.train_segmenter.augment, pseudo_path=pseudo,
                              crop_size=params.train_segmenter.crop_size)
     section = params.train_segmenter
     return _train_segmenter(params, section, train_set, dataset, out_model, live_dir, "segmenter", pretrained)
@@ -523,7 +523,7 @@ def run_oracle(params: Params, dataset, out_model, live_dir="dvclive/train_oracl
                 "set train_oracle.enabled to false for this source."
             )
         train_idx = ds.indices("train")
-    train_set = SliceDataset(dataset, train_idx, params.input, params.common.classes, "oracle",
-                             params.train_oracle.augment, crop_size=params.train_oracle.crop_size)
+    train_set = SliceDataset(dataset, train_idx, params.input.for_segmenter(), params.common.classes,
+                             "oracle", params.train_oracle.augment, crop_size=params.train_oracle.crop_size)
     return _train_segmenter(params, params.train_oracle, train_set, dataset, out_model, live_dir, "oracle",
                             pretrained)
