@@ -163,6 +163,20 @@ def test_segmenter_and_oracle_read_input_segmenter_windows(tmp_path, make_params
         make_params(input={"segmenter_windows": [[40.0, 0.0]]})
 
 
+@pytest.mark.parametrize("select_by, kept", [("dice_pos", 1), ("last", 2)])
+def test_segmenter_keeps_the_best_val_epoch_or_the_last(tmp_path, make_params, monkeypatch, select_by, kept):
+    # A val Dice that falls after the first epoch: dice_pos keeps epoch 1, last keeps epoch 2 anyway.
+    ds = tiny_dataset(tmp_path / "dataset.h5")
+    scores = iter([0.9, 0.1])
+    monkeypatch.setattr(train, "segmenter_metrics", lambda *a, **k: {"dice_pos": next(scores)})
+    params = make_params(common={"device": "cpu"},
+                         train_oracle={**TINY_SEG, "epochs": 2, "select_by": select_by})
+    metrics = train.run_oracle(params, ds, tmp_path / "oracle.pt", None)
+    assert metrics == {"dice_pos": 0.9 if kept == 1 else 0.1}
+    _, ckpt = load_model(tmp_path / "oracle.pt", arch="segmenter")
+    assert ckpt["selected_by"] == select_by and ckpt["val"] == metrics
+
+
 def test_masks_without_a_class_are_refused():
     expected = r"pseudo.h5: masks hold the classes \['any'\].*\['subdural'\]"
     with pytest.raises(InvalidInputError, match=expected):

@@ -434,6 +434,11 @@ class SegmenterParams(TrainParams):
     # The network runs on slices enlarged this many times and its logits are pooled back to the slice
     # grid (weak2full.models.segmenter.Upsampled): more cells per small bleed, upsample^2 x the compute.
     upsample: int = Field(2, ge=1, le=4)
+    # Which epoch is kept: the last one, where the cosine schedule ends (nnU-Net keeps its final
+    # checkpoint too), or the best val dice_pos. The val Dice of some 40 positive slices moves by more
+    # than the epochs differ: picking by it kept the oracle's first epoch (val .612 against the last's
+    # .599), which read .518 on the cohort against the last epoch's .633 (docs/TUNING.md, Session 8).
+    select_by: Literal["last", "dice_pos"] = "last"
 
 
 class OracleParams(SegmenterParams):

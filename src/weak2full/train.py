@@ -89,7 +89,7 @@ def fit(
     validate: Callable[[torch.nn.Module], dict],
     p: TrainParams,
     *,
-    select_key: str,
+    select_key: str | None,
     seed: int,
     device: torch.device,
     live_dir: str | Path | None,
@@ -99,7 +99,8 @@ def fit(
     """Train ``model`` and return ``(best state_dict, its validation metrics)``.
 
     ``loss_fn(model_output, target)`` gives the scalar loss; ``validate(model)`` returns a flat dict of
-    floats holding ``select_key`` (higher is better), run after every epoch. ``state_path`` keeps the
+    floats holding ``select_key`` (higher is better), run after every epoch; ``select_key`` None keeps
+    the last epoch, where the schedule ends (validation is then only logged). ``state_path`` keeps the
     last epoch's full state (model, optimiser, schedule, best so far, random states) so that a rerun with
     the same params and data resumes (``p.resume``); the caller removes it once its outputs are written,
     so a kill between the last epoch and the final checkpoint resumes too. ``live_dir``: dvclive folder.
@@ -169,7 +170,7 @@ def fit(
                 seen += 1
                 bar.set_postfix(loss=f"{running / seen:.4f}")
             metrics = validate(scored)
-            score = float(metrics[select_key])
+            score = float(metrics[select_key]) if select_key is not None else float(epoch)
             improved = score > best_score or best_state is None
             if improved:
                 best_score, best_metrics = score, dict(metrics)
@@ -475,14 +476,15 @@ def _train_segmenter(
                                        slice_weight=section.slice_weight)
 
     out_model = Path(out_model)
-    best, metrics = fit(model, train_set, loss_fn, validate, section, select_key="dice_pos",
+    select_key = None if section.select_by == "last" else section.select_by
+    best, metrics = fit(model, train_set, loss_fn, validate, section, select_key=select_key,
                         seed=params.common.seed, device=device, live_dir=live_dir,
                         state_path=_state_path(out_model), desc=desc)
     if not distributed.is_main():
         return metrics
     model.load_state_dict(best)
     save_checkpoint(out_model, model, "segmenter", config, classes, input=ip.model_dump(mode="json"),
-                    val=metrics)
+                    selected_by=section.select_by, val=metrics)
     _state_path(out_model).unlink(missing_ok=True)  # only now: the output is whole
     return metrics
 
