@@ -260,3 +260,21 @@ def test_cascade_gate_is_the_strictest_that_keeps_the_val_dice():
     assert _gate_on_val(pred, doubted, truth, 0.5) == (0.95, {"dice_pos": 0.5, "fp_slice_rate": 0.0})
     # No positive slice on val: nothing to keep, no gate.
     assert _gate_on_val(pred[2:], slice_prob[2:], truth[2:], 0.95) == (0.0, {})
+
+
+def test_val_threshold_is_the_highest_within_the_tolerance_of_the_best_dice():
+    from weak2full.evaluate import _threshold_on_val
+
+    truth = np.zeros((3, 8, 8), bool)
+    truth[0, 1:5, 1:5] = truth[1, 3:7, 3:7] = True
+    prob = np.where(truth, 0.95, 0.0)
+    prob[0, 7, 7] = 0.45  # slice 0: a stray pixel below 0.5 (Dice 0.970 up to t = 0.4, then 1)
+    prob[1, 3, 3] = 0.45  # slice 1: a bleed pixel below 0.5 (Dice 1 up to t = 0.4, then 0.968)
+    prob[2, 4, 4] = 0.55  # a speck on the negative slice up to t = 0.5
+    grid = [round(0.1 * i, 1) for i in range(1, 10)]
+    # dice_pos 0.9848 up to 0.4, then 0.9839: the best is 0.4 (ties go up) ...
+    assert _threshold_on_val(prob, truth, grid, 0.5)[0] == 0.4
+    # ... and within 0.01 of it, 0.9 is the highest: the same Dice without the speck.
+    t, curve = _threshold_on_val(prob, truth, grid, 0.5, tolerance=0.01)
+    assert t == 0.9 and [r["fp_slice_rate"] for r in curve][4:6] == [1.0, 0.0]
+    assert _threshold_on_val(prob[2:], truth[2:], grid, 0.5, tolerance=0.01) == (0.5, [])  # no positive

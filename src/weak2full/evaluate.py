@@ -7,14 +7,15 @@ Rows of ``metrics/evaluate.json`` (DESIGN.md's names):
   annotated *val* slices (the same calibration the pseudo-masks get), with ``auroc``/``ap`` of their image
   probabilities on the whole test split beside them;
 * ``pseudo_mask``: the test slices' CAM -> CRF output (255 counts as background);
-* ``segmenter``: the network trained on pseudo-masks, from pixels only, thresholded at the value that
-  maximises ``dice_pos`` on the annotated val slices (``evaluate.calibrate_threshold``; else at
-  ``evaluate.threshold``);
+* ``segmenter``: the network trained on pseudo-masks, from pixels only, thresholded at the highest value
+  whose ``dice_pos`` on the annotated val slices is within ``evaluate.threshold_tolerance`` of the best
+  (``evaluate.calibrate_threshold``; else at ``evaluate.threshold``);
 * ``cascade``: the segmenter's mask kept only on slices whose image probability from the heatmap
   classifier reaches a gate calibrated on the annotated val slices (the usual screening cascade: it
   trades a few missed bleeds for clean negative slices): the strictest gate that keeps
   ``evaluate.cascade_keep_dice`` of the segmenter's val ``dice_pos`` (:func:`_gate_on_val`);
-* ``oracle``: the same segmenter trained on true masks — the ceiling; absent when switched off;
+* ``oracle``: the same segmenter trained on true masks — the ceiling, thresholded by the same rule;
+  absent when switched off;
 * ``weak_over_full`` = segmenter ``dice_pos`` / oracle ``dice_pos``.
 """
 
@@ -71,12 +72,18 @@ def _load_maps(path: Path, ds: DatasetFile, classes: list[str]):
 
 
 def _threshold_on_val(prob_any_val: np.ndarray, truth_any_val: np.ndarray, grid: list[float],
-                      default: float) -> tuple[float, list[dict]]:
+                      default: float, tolerance: float = 0.0) -> tuple[float, list[dict]]:
+    """The threshold of ``grid`` chosen on the val slices: the highest whose ``dice_pos`` is within
+    ``tolerance`` of the best (with 0, the best itself; ties go to the higher threshold). A segmenter's
+    Dice is often flat over the grid while its false-positive slices fall steeply with the threshold,
+    and which of near-equal thresholds wins on some 40 slices is chance (the one-standard-error rule of
+    model selection, applied to a threshold)."""
     if prob_any_val.shape[0] == 0 or not truth_any_val.any():
         return default, []
     curve = M.dice_vs_threshold(prob_any_val, truth_any_val, grid)
-    best = max(curve, key=lambda r: (r["dice_pos"] if r["dice_pos"] is not None else -1.0))
-    return float(best["threshold"]), curve
+    dice = [r["dice_pos"] if r["dice_pos"] is not None else -1.0 for r in curve]
+    near = [r["threshold"] for r, d in zip(curve, dice) if d >= max(dice) - tolerance]
+    return float(max(near)), curve
 
 
 def _gate_on_val(pred_val: np.ndarray, slice_prob_val: np.ndarray, truth_val: np.ndarray,
@@ -207,7 +214,8 @@ def run(
             gated = method == "segmenter"  # the cascade row needs its val probabilities too
             prob_val = _segmenter_probs(Path(path), ds, val, params) if p.calibrate_threshold or gated else None
             if p.calibrate_threshold:
-                t, _ = _threshold_on_val(prob_val.max(1), any_val, p.threshold_grid, p.threshold)
+                t, _ = _threshold_on_val(prob_val.max(1), any_val, p.threshold_grid, p.threshold,
+                                         p.threshold_tolerance)
             prob = _segmenter_probs(Path(path), ds, test, params)
             labels_test = labels_from_probs(prob, t)
             table[method] = score(labels_test)

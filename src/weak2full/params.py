@@ -540,6 +540,10 @@ class EvaluateParams(_Section):
     # true: segmenter and oracle thresholds are chosen on the annotated val slices from threshold_grid,
     # as the maps' are (the same rule for both, so weak_over_full stays fair); false: ``threshold``.
     calibrate_threshold: bool = True
+    # ... and among the thresholds whose val dice_pos is within this of the best, the highest is taken:
+    # the segmenter's Dice barely moves from 0.1 to 0.8 while the normal slices it marks fall from 62% to
+    # 27% (cohort, docs/TUNING.md Session 8), and 40 val slices cannot tell near-equal thresholds apart.
+    threshold_tolerance: float = Field(0.01, ge=0.0, le=1.0)
     # Thresholds of the dice-vs-threshold curves (plots/dice_vs_threshold.csv), the same for every method.
     threshold_grid: list[float] = Field(default_factory=lambda: [round(0.1 * i, 1) for i in range(1, 10)])
     batch_size: int = Field(32, ge=1)
