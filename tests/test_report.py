@@ -132,6 +132,8 @@ def test_html_report_is_one_self_contained_file(tmp_path):
     path = tmp_path / "reports" / "index.html"
     curves = {"segmenter": [{"threshold": 0.5, "dice_pos": 0.4}]}
     examples = [example("best: <patient 3>", 0.9), example("worst", 0.1, with_pseudo=False)]
+    examples[0]["pseudo_trusted"] = True
+    examples[1]["pseudo_trusted"] = False
     assert write_html_report(path, TABLE, examples, curves=curves) == path
     assert [p.name for p in path.parent.iterdir()] == ["index.html"]  # no side files, no temp left
     text = path.read_text()
@@ -141,7 +143,8 @@ def test_html_report_is_one_self_contained_file(tmp_path):
     assert all(base64.b64decode(b).startswith(b"\x89PNG") for b in images)
     assert not re.search(r'(src|href)="(?!data:)', text)  # nothing fetched from disk or network
     assert "oracle (ceiling)" in text and "weak_over_full: 0.800" in text
-    assert "best: &lt;patient 3&gt; &middot; segmenter Dice 0.90" in text  # titles are escaped
+    assert "best: &lt;patient 3&gt; &middot; segmenter Dice 0.90</h3>" in text  # titles are escaped
+    assert "worst &middot; segmenter Dice 0.10 &middot; pseudo-mask untrusted" in text  # the trust flag
     assert "<h3>subdural</h3>" in text  # the per-class table
     assert "Scored on 40 annotated test slices (8 with a bleed, 32 without) from 4 patients." in text
 

@@ -201,6 +201,8 @@ def run(
             if pm["mask"].shape[0] != ds.n:
                 raise InvalidInputError(f"{pseudo}: {pm['mask'].shape[0]} slices, {dataset} has {ds.n}.")
             pseudo_test = _take(pm["mask"], test)
+            # The trust rule's flag of each test slice (files from before it have none: all trusted).
+            trusted_test = _take(pm["trusted"], test) > 0 if "trusted" in pm else np.ones(len(test), bool)
         table["pseudo_mask"] = score(pseudo_test)
         pseudo_fg = (pseudo_test > 0) & (pseudo_test != 255)
         dice_pos_slices["pseudo_mask"] = M.dice_per_slice(pseudo_fg, any_test)[pos]
@@ -244,7 +246,7 @@ def run(
             r = pos_rows[i]
             examples.append(dict(
                 image_hu=ds.images([test[r]])[0], heatmap=maps_for_report[r], pseudo_mask=pseudo_test[r],
-                segmenter_pred=seg_pred[r], truth=any_test[r],
+                pseudo_trusted=bool(trusted_test[r]), segmenter_pred=seg_pred[r], truth=any_test[r],
                 title=f"{group}: patient {int(patient[r])}, slice {int(slice_ids[r])}",
                 dice=float(dice_pos_slices["segmenter"][i]),
             ))

@@ -226,7 +226,9 @@ def _example_png(ex: Mapping, window: tuple[float, float]) -> str:
         raise InvalidInputError(
             f"example '{ex.get('title', '')}': truth {truth.shape} differs from image {(h, w)}."
         )
-    panels = [("CT (brain window)", None), ("heatmap", "heatmap"), ("pseudo-mask", "pseudo_mask"),
+    untrusted = ex.get("pseudo_trusted") is False
+    panels = [("CT (brain window)", None), ("heatmap", "heatmap"),
+              ("pseudo-mask (untrusted)" if untrusted else "pseudo-mask", "pseudo_mask"),
               ("segmenter", "segmenter_pred"), ("truth", "truth")]
     panels = [(t, k) for t, k in panels if k is None or ex.get(k) is not None]
     fig = Figure(figsize=(2.3 * len(panels), 2.5), facecolor="white")
@@ -351,7 +353,8 @@ def write_html_report(
             ``image_hu`` (H, W) HU, ``heatmap`` (S, S) in 0..1, ``pseudo_mask`` (H, W) uint8 (0, k, 255),
             ``segmenter_pred`` (H, W) bool, ``truth`` (H, W) bool, ``title`` str and ``dice`` float (the
             segmenter's Dice on that slice). ``heatmap``, ``pseudo_mask`` and ``segmenter_pred`` may be
-            None; their panel is then left out.
+            None; their panel is then left out. ``pseudo_trusted`` False marks the pseudo-mask as one
+            the trust rule leaves out (caption and panel title say so).
         window: (level, width) HU window of the CT panels (brain 40/80).
         curves: optional ``dice_vs_threshold`` records per method, drawn as one chart.
         title: the page heading.
@@ -395,6 +398,8 @@ def write_html_report(
             caption = html.escape(str(ex.get("title", "")))
             if dice is not None:
                 caption += f" &middot; segmenter Dice {float(dice):.2f}"
+            if ex.get("pseudo_trusted") is False:  # the trust rule's flag (pseudo_masks.h5 ``trusted``)
+                caption += " &middot; pseudo-mask untrusted (its map peaks below the cut-off)"
             parts.append(
                 f'<div class="example"><h3>{caption}</h3>'
                 f'<img alt="{html.escape(str(ex.get("title", "example")))}" '
