@@ -14,7 +14,8 @@ Stages (each writes through ``atomic_output``):
 * :func:`run_oracle` - the same segmenter on the true train masks (the ceiling) -> models/oracle.pt.
 
 Classifiers are selected by localisation on the annotated val slices (``select_by``: map_dice or
-point_acc; AUROC can be won by shortcuts), segmenters by ``dice_pos`` on the annotated val slices.
+point_acc; AUROC can be won by shortcuts). Segmenters keep their last epoch (``select_by: last``) or
+the best ``dice_pos`` on the annotated val slices, and read ``input.for_segmenter()``.
 """
 
 from __future__ import annotations
