@@ -33,7 +33,7 @@ from weak2full import metrics as M
 from weak2full import report
 from weak2full.cams import normalise_cam
 from weak2full.errors import InvalidInputError
-from weak2full.h5 import DatasetFile, _take, open_checked, write_json
+from weak2full.h5 import DatasetFile, _take, open_checked, trusted_flags, write_json
 from weak2full.params import InputParams, Params
 
 __all__ = ["run", "labels_from_probs"]
@@ -201,8 +201,7 @@ def run(
             if pm["mask"].shape[0] != ds.n:
                 raise InvalidInputError(f"{pseudo}: {pm['mask'].shape[0]} slices, {dataset} has {ds.n}.")
             pseudo_test = _take(pm["mask"], test)
-            # The trust rule's flag of each test slice (files from before it have none: all trusted).
-            trusted_test = _take(pm["trusted"], test) > 0 if "trusted" in pm else np.ones(len(test), bool)
+            trusted_test = trusted_flags(pm, pseudo, ds.n)[test] > 0  # the trust rule's flag, for the report
         table["pseudo_mask"] = score(pseudo_test)
         pseudo_fg = (pseudo_test > 0) & (pseudo_test != 255)
         dice_pos_slices["pseudo_mask"] = M.dice_per_slice(pseudo_fg, any_test)[pos]

@@ -28,7 +28,7 @@ import numpy as np
 
 from weak2full import __version__
 from weak2full.errors import InvalidInputError
-from weak2full.h5 import SCHEMA_VERSION, DatasetFile, atomic_output, file_sha256, open_checked
+from weak2full.h5 import SCHEMA_VERSION, DatasetFile, atomic_output, file_sha256, open_checked, trusted_flags
 from weak2full.params import Params
 
 __all__ = ["run", "load_pseudo_labels", "PseudoLabels", "CARD_FIELDS"]
@@ -95,8 +95,7 @@ def run(
         labels = data.labels_for(classes)
         fg = pm["fg_fraction"][:]
         ignore = pm["ignore_fraction"][:]
-        # pseudo_masks.h5 files from before the trust rule have no flags: every slice trusted
-        trusted = pm["trusted"][:] if "trusted" in pm else np.ones(n, np.uint8)
+        trusted = trusted_flags(pm, pseudo, n)
         quality = {Path(m).stem: _read_json(Path(m)) for m in metrics}
         card = {
             "name": name,
@@ -238,8 +237,7 @@ def load_pseudo_labels(folder: str | Path) -> PseudoLabels:
     h5_path = folder / "pseudo_labels.h5"
     with open_checked(h5_path, "pseudo_labels") as f:
         arrays = {k: f[k][:] for k in ("mask", "label", "patient", "slice", "split")}
-        n = arrays["mask"].shape[0]  # an export from before the trust rule has no flags: all trusted
-        arrays["trusted"] = f["trusted"][:] if "trusted" in f else np.ones(n, np.uint8)
+        arrays["trusted"] = trusted_flags(f, h5_path, arrays["mask"].shape[0])
     if arrays["mask"].shape[0] != card["n_slices"]:
         raise InvalidInputError(
             f"{h5_path}: {arrays['mask'].shape[0]} slices, but the card says {card['n_slices']}."

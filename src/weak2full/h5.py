@@ -41,6 +41,7 @@ __all__ = [
     "open_checked",
     "DatasetFile",
     "truth_mask",
+    "trusted_flags",
     "write_dataset",
 ]
 
@@ -255,6 +256,19 @@ def _json_attr(f: h5py.File, name: str, default=None):
     if raw is None:
         return default
     return json.loads(raw)
+
+
+def trusted_flags(f: h5py.File, path: str | Path, n: int) -> np.ndarray:
+    """The trust rule's flags of a pseudo_masks.h5 or pseudo_labels.h5, uint8 (n,), 0 where the slice is
+    untrusted (weak2full.pseudo_masks.trusted_slices). A file from before the rule has none: every slice
+    is trusted."""
+    if "trusted" not in f:
+        return np.ones(n, np.uint8)
+    flags = f["trusted"][:]
+    if flags.shape != (n,):
+        raise InvalidInputError(f"{path}: trusted flags of shape {flags.shape}, but {n} slices are expected; "
+                                "re-run pseudo_masks.")
+    return flags
 
 
 def truth_mask(mask: np.ndarray, mask_classes: Sequence[str], cls: str) -> np.ndarray:

@@ -36,7 +36,15 @@ from weak2full import distributed, losses
 from weak2full.cams import NORMALISATION, normalise_cam, predict_cams
 from weak2full.data import BalancedBatchSampler, SliceDataset
 from weak2full.errors import InvalidInputError
-from weak2full.h5 import DatasetFile, atomic_output, file_sha256, open_checked, truth_mask, write_json
+from weak2full.h5 import (
+    DatasetFile,
+    atomic_output,
+    file_sha256,
+    open_checked,
+    trusted_flags,
+    truth_mask,
+    write_json,
+)
 from weak2full.metrics import dice_per_slice, dice_pos_and_fp_rate
 from weak2full.models import (
     create_model,
@@ -171,6 +179,7 @@ def fit(
                 seen += 1
                 bar.set_postfix(loss=f"{running / seen:.4f}")
             metrics = validate(scored)
+            # select_key None: the epoch number is the score, so each epoch replaces the one before.
             score = float(metrics[select_key]) if select_key is not None else float(epoch)
             improved = score > best_score or best_state is None
             if improved:
@@ -457,7 +466,8 @@ def _train_segmenter(
     params: Params, section, train_set: SliceDataset, dataset, out_model, live_dir, desc: str, pretrained=None
 ) -> dict:
     device = _setup(params)
-    classes, ip = list(params.common.classes), params.input.for_segmenter()
+    # The input the callers built the train set with (input.for_segmenter()): the checkpoint stores it.
+    classes, ip = list(params.common.classes), train_set.input_params
     config = model_config("segmenter", section, ip.in_channels, len(classes), 0)
     key = "train_segmenter.encoder_weights" if desc == "segmenter" else "train_oracle.encoder_weights"
     model = create_model("segmenter", config, resolve_encoder_weights(section.encoder_weights, pretrained,
@@ -497,12 +507,7 @@ def run_segmenter(params: Params, dataset, pseudo, out_model, live_dir="dvclive/
     with DatasetFile(dataset) as ds:
         train_idx, n = ds.indices("train"), ds.n
     with open_checked(pseudo, "pseudo_masks") as p:
-        trusted = p["trusted"][:] if "trusted" in p else None
-    if trusted is not None:
-        if trusted.shape != (n,):
-            raise InvalidInputError(f"{pseudo}: trusted flags of shape {trusted.shape}, but {dataset} has "
-                                    f"{n} slices; re-run pseudo_masks.")
-        train_idx = train_idx[trusted[train_idx] > 0]
+        train_idx = train_idx[trusted_flags(p, pseudo, n)[train_idx] > 0]
     train_set = SliceDataset(dataset, train_idx, params.input.for_segmenter(), params.common.classes,
                              "pseudo", params.train_segmenter.augment, pseudo_path=pseudo,
                              crop_size=params.train_segmenter.crop_size)
