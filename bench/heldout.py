@@ -11,6 +11,9 @@ selection or calibration), annotates every val/test slice of it, and scores the 
   threshold stored in each checkpoint);
 * segmenter and oracle: dice_pos and fp_slice_rate (the threshold in `metrics/evaluate.json`; with the
   test-time flip when `evaluate.flip_tta` is on, as evaluate reads them), and weak_over_full from them;
+  beside them each read as a slice classifier (AUROC of a slice's highest probability, point_acc of its
+  argmax): the oracle's pair is what full pixel supervision gives on this data, a yardstick for the
+  heatmap network's AUROC and point_acc;
 * cascade: the segmenter with nothing predicted where the heatmap network's slice probability is below
   the gate the evaluate stage chose on val.
 
@@ -31,11 +34,15 @@ from pathlib import Path
 
 import numpy as np
 
+from sklearn.metrics import roc_auc_score
+
 from weak2full import prepare, train
 from weak2full.cams import predict_cams
-from weak2full.h5 import DatasetFile
-from weak2full.models import load_model
+from weak2full.h5 import DatasetFile, truth_mask
+from weak2full.metrics import point_hits
+from weak2full.models import load_model, predict_masks
 from weak2full.params import InputParams, load_params
+from weak2full.runtime import inference_model
 
 
 def cohort(params, patients: int, seed: int, root: Path) -> Path:
@@ -61,27 +68,38 @@ def scored_rows(ds: DatasetFile) -> np.ndarray:
     return idx[ds.has_mask[idx]]
 
 
-def classifier_row(path: Path, method: str, ds: DatasetFile, classes: list[str]) -> dict:
+def classifier_row(path: Path, method: str, ds: DatasetFile, classes: list[str]) -> tuple[dict, np.ndarray]:
+    """A classifier's row, and its probability that each scored row holds a bleed (max over classes)."""
     model, ckpt = load_model(path, arch=method)
-    r = train.classifier_metrics(model, ds, scored_rows(ds), InputParams(**ckpt["input"]), classes, method,
-                                 int(ckpt["heatmap_size"]), thresholds=ckpt["map_thresholds"])
-    return {k: r[k] for k in ("auroc", "ap", "point_acc", "map_dice")}
+    idx = scored_rows(ds)
+    net, channels_last = inference_model(model)
+    cam, prob = predict_cams(net, ds, idx, InputParams(**ckpt["input"]), int(ckpt["heatmap_size"]),
+                             channels_last=channels_last)
+    r = train.score_classifier(cam, prob, ds, idx, classes, method, thresholds=ckpt["map_thresholds"])
+    return {k: r[k] for k in ("auroc", "ap", "point_acc", "map_dice")}, prob.max(axis=1)
 
 
-def segmenter_row(path: Path, threshold: float, ds: DatasetFile, keep: np.ndarray | None = None,
-                  flip: bool = False) -> dict:
+def segmenter_probs(path: Path, ds: DatasetFile, flip: bool = False) -> np.ndarray:
+    """A segmenter's foreground probabilities (n, K, H, W) on the scored rows, as evaluate reads them."""
     model, ckpt = load_model(path, arch="segmenter")
-    r = train.segmenter_metrics(model, ds, scored_rows(ds), InputParams(**ckpt["input"]),
-                                list(ckpt["classes"]), threshold=threshold, keep=keep, flip=flip)
+    return predict_masks(model, ds, scored_rows(ds), InputParams(**ckpt["input"]), flip=flip)
+
+
+def segmenter_row(prob: np.ndarray, threshold: float, ds: DatasetFile, classes: list[str],
+                  keep: np.ndarray | None = None) -> dict:
+    """dice_pos and fp_slice_rate at ``threshold``, and the segmenter read as a slice classifier: ``auroc``
+    of each slice's highest probability and ``point_acc`` of its argmax (the heatmap network's metrics,
+    on the union of the classes), which puts the classifier's figures beside what full supervision gives."""
+    idx = scored_rows(ds)
+    r = train.score_segmenter(prob, ds, idx, classes, threshold, keep)
+    union = prob.max(axis=1)  # (n, H, W)
+    label = ds.labels_for(classes)[idx].max(axis=1) > 0
+    truth = truth_mask(ds.annotated_masks(idx), ds.mask_classes, "any")
+    pos = truth.any(axis=(1, 2))
+    if keep is None:
+        r["auroc"] = float(roc_auc_score(label, union.reshape(len(idx), -1).max(axis=1)))
+        r["point_acc"] = float(point_hits(union[pos], truth[pos]).mean())
     return {**r, "threshold": threshold}
-
-
-def slice_probs(path: Path, ds: DatasetFile) -> np.ndarray:
-    """The heatmap network's probability that each scored row holds a bleed (max over classes)."""
-    model, ckpt = load_model(path, arch="heatmap")
-    ip = InputParams(**ckpt["input"])
-    _, prob = predict_cams(model, ds, scored_rows(ds), ip, int(ckpt["heatmap_size"]))
-    return prob.max(axis=1)
 
 
 def main() -> None:
@@ -106,18 +124,18 @@ def main() -> None:
     rows: dict[str, dict] = {}
     with DatasetFile(path) as ds:
         n_pos = int(ds.labels_for(classes)[scored_rows(ds)].max(axis=1).sum())
-        for method, file in (("gap_cam", "gap_cam.pt"), ("heatmap", "classifier.pt")):
-            rows[method] = classifier_row(args.models / file, method, ds, classes)
+        rows["gap_cam"], _ = classifier_row(args.models / "gap_cam.pt", "gap_cam", ds, classes)
+        rows["heatmap"], slice_prob = classifier_row(args.models / "classifier.pt", "heatmap", ds, classes)
         for method, file in (("segmenter", "segmenter.pt"), ("oracle", "oracle.pt")):
-            if method in chosen and "threshold" in chosen[method]:
-                rows[method] = segmenter_row(args.models / file, float(chosen[method]["threshold"]), ds,
-                                             flip=params.evaluate.flip_tta)
-        if "cascade" in chosen:
-            keep = slice_probs(args.models / "classifier.pt", ds) >= float(chosen["cascade"]["gate"])
-            rows["cascade"] = {**segmenter_row(args.models / "segmenter.pt",
-                                               float(chosen["cascade"]["threshold"]), ds, keep=keep,
-                                               flip=params.evaluate.flip_tta),
-                               "gate": float(chosen["cascade"]["gate"])}
+            if method not in chosen or "threshold" not in chosen[method]:
+                continue
+            prob = segmenter_probs(args.models / file, ds, flip=params.evaluate.flip_tta)
+            rows[method] = segmenter_row(prob, float(chosen[method]["threshold"]), ds, classes)
+            if method == "segmenter" and "cascade" in chosen:
+                keep = slice_prob >= float(chosen["cascade"]["gate"])
+                rows["cascade"] = {**segmenter_row(prob, float(chosen["cascade"]["threshold"]), ds, classes,
+                                                   keep=keep),
+                                   "gate": float(chosen["cascade"]["gate"])}
     ratio = (rows["segmenter"]["dice_pos"] / rows["oracle"]["dice_pos"]
              if "oracle" in rows and rows["oracle"]["dice_pos"] > 0 else float("nan"))
     print(f"\nheld-out cohort: {args.patients} synthetic patients, seed {seed}, {n_pos} positive annotated "

@@ -70,6 +70,8 @@ __all__ = [
     "classifier_metrics",
     "MAP_THRESHOLDS",
     "segmenter_metrics",
+    "score_classifier",
+    "score_segmenter",
     "selection_rows",
     "run_classifier",
     "run_baseline",
@@ -300,6 +302,14 @@ def classifier_metrics(
     idx = np.asarray(idx, dtype=np.int64)
     net, channels_last = inference_model(model.to(device))
     cam, prob = predict_cams(net, ds, idx, input_params, heatmap_size, batch_size, device, channels_last)
+    return score_classifier(cam, prob, ds, idx, classes, method, thresholds)
+
+
+def score_classifier(cam: np.ndarray, prob: np.ndarray, ds: DatasetFile, idx: np.ndarray, classes: list[str],
+                     method: str, thresholds: dict[str, float] | None = None) -> dict:
+    """The metrics of :func:`classifier_metrics` from maps and probabilities already predicted for rows
+    ``idx`` (:func:`weak2full.cams.predict_cams`), so a caller that needs them too runs the network once."""
+    idx = np.asarray(idx, dtype=np.int64)
     labels = ds.labels_for(classes)[idx]
     per_class = {}
     annotated = ds.has_mask[idx]
@@ -345,11 +355,19 @@ def segmenter_metrics(model, ds: DatasetFile, idx: np.ndarray, input_params, cla
     ``flip``: test-time flip (:func:`weak2full.models.predict_masks`)."""
     idx = np.asarray(idx, dtype=np.int64)
     annotated = ds.has_mask[idx]
-    idx = idx[annotated]
-    masks = ds.annotated_masks(idx)
-    prob = predict_masks(model, ds, idx, input_params, batch_size, device, flip=flip)
+    prob = predict_masks(model, ds, idx[annotated], input_params, batch_size, device, flip=flip)
     if keep is not None:
-        prob = prob * np.asarray(keep, bool)[annotated][:, None, None, None]
+        keep = np.asarray(keep, bool)[annotated]
+    return score_segmenter(prob, ds, idx[annotated], classes, threshold, keep)
+
+
+def score_segmenter(prob: np.ndarray, ds: DatasetFile, idx: np.ndarray, classes: list[str],
+                    threshold: float = 0.5, keep: np.ndarray | None = None) -> dict:
+    """The metrics of :func:`segmenter_metrics` from probabilities (n, K, H, W) already predicted for the
+    annotated rows ``idx`` (:func:`weak2full.models.predict_masks`); ``keep``: bool per row of ``idx``."""
+    masks = ds.annotated_masks(idx)
+    if keep is not None:
+        prob = prob * np.asarray(keep, bool)[:, None, None, None]
     dice_pos, fp = [], []
     for k, cls in enumerate(classes):
         if cls != "any" and cls not in ds.mask_classes:
