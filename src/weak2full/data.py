@@ -282,8 +282,8 @@ class SliceDataset(torch.utils.data.Dataset):
             self.image_size = (f.height, f.width)
             if crop_size is not None and crop_size > min(self.image_size):
                 raise InvalidParameterError(
-                    f"The crop_size parameter ({crop_size}) is larger than the {f.height}x{f.width} slices of "
-                    f"{self.dataset_path}; use at most {min(self.image_size)} or null."
+                    f"The crop_size parameter ({crop_size}) is larger than the {f.height}x{f.width} "
+                    f"slices of {self.dataset_path}; use at most {min(self.image_size)} or null."
                 )
             if targets == "annotated" and not f.has_mask[self.indices].all():
                 raise InvalidInputError(

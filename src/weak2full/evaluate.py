@@ -213,7 +213,8 @@ def run(
         for method, path in networks:
             t = p.threshold
             gated = method == "segmenter"  # the cascade row needs its val probabilities too
-            prob_val = _segmenter_probs(Path(path), ds, val, params) if p.calibrate_threshold or gated else None
+            need_val = p.calibrate_threshold or gated
+            prob_val = _segmenter_probs(Path(path), ds, val, params) if need_val else None
             if p.calibrate_threshold:
                 t, _ = _threshold_on_val(prob_val.max(1), any_val, p.threshold_grid, p.threshold,
                                          p.threshold_tolerance)
