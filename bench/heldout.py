@@ -22,6 +22,7 @@ under data/heldout/ (about 80 MB for 100 patients at 128x128). Needs a synthetic
 
     .venv/bin/python bench/heldout.py                       # 100 patients, seed common.seed + 101
     .venv/bin/python bench/heldout.py --patients 200 --out bench/results/heldout.json
+    .venv/bin/python bench/heldout.py --sweep     # and dice_pos / fp_slice_rate over the threshold grid
 """
 
 from __future__ import annotations
@@ -112,6 +113,9 @@ def main() -> None:
                     help="the evaluate stage's metrics: the segmenter and oracle thresholds chosen on val")
     ap.add_argument("--cache", type=Path, default=Path("data/heldout"))
     ap.add_argument("--out", type=Path, default=None, help="also write the rows here as JSON")
+    ap.add_argument("--sweep", action="store_true",
+                    help="also print the segmenters' dice_pos and fp_slice_rate at every threshold of "
+                         "evaluate.threshold_grid (docs/TUNING.md, Session 8)")
     args = ap.parse_args()
     params = load_params(args.params)
     if params.data.source != "synthetic":
@@ -122,6 +126,7 @@ def main() -> None:
     chosen = json.loads(args.evaluate.read_text())
     path = cohort(params, args.patients, seed, args.cache)
     rows: dict[str, dict] = {}
+    sweep: dict[str, list[dict]] = {}
     with DatasetFile(path) as ds:
         n_pos = int(ds.labels_for(classes)[scored_rows(ds)].max(axis=1).sum())
         rows["gap_cam"], _ = classifier_row(args.models / "gap_cam.pt", "gap_cam", ds, classes)
@@ -131,6 +136,9 @@ def main() -> None:
                 continue
             prob = segmenter_probs(args.models / file, ds, flip=params.evaluate.flip_tta)
             rows[method] = segmenter_row(prob, float(chosen[method]["threshold"]), ds, classes)
+            if args.sweep:
+                sweep[method] = [train.score_segmenter(prob, ds, scored_rows(ds), classes, t)
+                                 for t in params.evaluate.threshold_grid]
             if method == "segmenter" and "cascade" in chosen:
                 keep = slice_prob >= float(chosen["cascade"]["gate"])
                 rows["cascade"] = {**segmenter_row(prob, float(chosen["cascade"]["threshold"]), ds, classes,
@@ -145,10 +153,17 @@ def main() -> None:
     for method, r in rows.items():
         print(f"| {method} | " + " | ".join(f"{r[c]:.3f}" if c in r else "" for c in cols) + " |")
     print(f"\nweak_over_full: {ratio:.3f}")
+    if sweep:
+        grid = params.evaluate.threshold_grid
+        print("\n| threshold | " + " | ".join(f"{t:g}" for t in grid) + " |\n|---|" + "---:|" * len(grid))
+        for method, scores in sweep.items():
+            for key in ("dice_pos", "fp_slice_rate"):
+                print(f"| {method} {key} | " + " | ".join(f"{r[key]:.3f}" for r in scores) + " |")
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps({"seed": seed, "patients": args.patients, "n_pos": n_pos,
-                                        "rows": rows, "weak_over_full": ratio}, indent=2) + "\n")
+                                        "rows": rows, "weak_over_full": ratio,
+                                        **({"sweep": sweep} if sweep else {})}, indent=2) + "\n")
 
 
 if __name__ == "__main__":
