@@ -35,7 +35,7 @@ from tqdm import tqdm
 from weak2full import distributed, losses
 from weak2full.cams import NORMALISATION, normalise_cam, predict_cams
 from weak2full.data import BalancedBatchSampler, SliceDataset
-from weak2full.errors import InvalidInputError
+from weak2full.errors import InvalidInputError, InvalidParameterError
 from weak2full.h5 import (
     DatasetFile,
     atomic_output,
@@ -180,6 +180,7 @@ def fit(
                 running += float(loss.detach())
                 seen += 1
                 bar.set_postfix(loss=f"{running / seen:.4f}")
+            _check_finite(model, running, desc, epoch)
             metrics = validate(scored)
             # select_key None: the epoch number is the score, so each epoch replaces the one before.
             score = float(metrics[select_key]) if select_key is not None else float(epoch)
@@ -256,6 +257,20 @@ def _live(live_dir, resume: bool):
 
 
 # ------------------------------------------------------------------------------------------ metrics
+
+
+def _check_finite(model: torch.nn.Module, loss_sum: float, desc: str, epoch: int) -> None:
+    """A diverged epoch (NaN or infinite loss or weights) stops training with the key to change, before
+    validation would fail deep inside scikit-learn on NaN scores; the resume state of the epoch before
+    stays, and no output is written."""
+    bad = next((name for name, t in model.named_parameters() if not bool(torch.isfinite(t).all())), None)
+    if bad is None and math.isfinite(loss_sum):
+        return
+    where = f"the weights ({bad})" if bad is not None else "the loss"
+    raise InvalidParameterError(
+        f"{desc}: training diverged in epoch {epoch + 1}: {where} became NaN or infinite. Lower the 'lr' "
+        "parameter of this network's section, or set its 'amp' parameter to false (bf16 training)."
+    )
 
 
 def _auroc_ap(y: np.ndarray, score: np.ndarray) -> tuple[float, float]:
