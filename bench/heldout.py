@@ -86,21 +86,22 @@ def segmenter_probs(path: Path, ds: DatasetFile, flip: bool = False) -> np.ndarr
     return predict_masks(model, ds, scored_rows(ds), InputParams(**ckpt["input"]), flip=flip)
 
 
-def segmenter_row(prob: np.ndarray, threshold: float, ds: DatasetFile, classes: list[str],
-                  keep: np.ndarray | None = None) -> dict:
-    """dice_pos and fp_slice_rate at ``threshold``, and the segmenter read as a slice classifier: ``auroc``
-    of each slice's highest probability and ``point_acc`` of its argmax (the heatmap network's metrics,
-    on the union of the classes), which puts the classifier's figures beside what full supervision gives."""
-    idx = scored_rows(ds)
-    r = train.score_segmenter(prob, ds, idx, classes, threshold, keep)
-    union = prob.max(axis=1)  # (n, H, W)
-    label = ds.labels_for(classes)[idx].max(axis=1) > 0
-    truth = truth_mask(ds.annotated_masks(idx), ds.mask_classes, "any")
-    pos = truth.any(axis=(1, 2))
-    if keep is None:
-        r["auroc"] = float(roc_auc_score(label, union.reshape(len(idx), -1).max(axis=1)))
-        r["point_acc"] = float(point_hits(union[pos], truth[pos]).mean())
+def segmenter_row(prob: np.ndarray, threshold: float, masks: np.ndarray, mask_classes: list[str],
+                  classes: list[str], keep: np.ndarray | None = None) -> dict:
+    """dice_pos and fp_slice_rate at ``threshold`` on the scored rows (``masks`` their annotated masks)."""
+    r = train.score_segmenter(prob, masks, mask_classes, classes, threshold, keep)
     return {**r, "threshold": threshold}
+
+
+def as_classifier(prob: np.ndarray, label: np.ndarray, truth: np.ndarray) -> dict:
+    """A segmenter read as a slice classifier: ``auroc`` of each slice's highest probability and
+    ``point_acc`` of its argmax on the slices whose ``truth`` (n, H, W) holds a bleed (the heatmap network's
+    metrics, on the union of the classes), which puts the classifier's figures beside what full
+    supervision gives."""
+    union = prob.max(axis=1)  # (n, H, W)
+    pos = truth.any(axis=(1, 2))
+    return {"auroc": float(roc_auc_score(label, union.reshape(len(union), -1).max(axis=1))),
+            "point_acc": float(point_hits(union[pos], truth[pos]).mean())}
 
 
 def main() -> None:
@@ -128,21 +129,27 @@ def main() -> None:
     rows: dict[str, dict] = {}
     sweep: dict[str, list[dict]] = {}
     with DatasetFile(path) as ds:
-        n_pos = int(ds.labels_for(classes)[scored_rows(ds)].max(axis=1).sum())
+        idx = scored_rows(ds)
+        label = ds.labels_for(classes)[idx].max(axis=1) > 0
+        n_pos = int(label.sum())
+        masks = ds.annotated_masks(idx)
+        truth = truth_mask(masks, ds.mask_classes, "any")
         rows["gap_cam"], _ = classifier_row(args.models / "gap_cam.pt", "gap_cam", ds, classes)
         rows["heatmap"], slice_prob = classifier_row(args.models / "classifier.pt", "heatmap", ds, classes)
         for method, file in (("segmenter", "segmenter.pt"), ("oracle", "oracle.pt")):
             if method not in chosen or "threshold" not in chosen[method]:
                 continue
             prob = segmenter_probs(args.models / file, ds, flip=params.evaluate.flip_tta)
-            rows[method] = segmenter_row(prob, float(chosen[method]["threshold"]), ds, classes)
+            rows[method] = {**segmenter_row(prob, float(chosen[method]["threshold"]), masks, ds.mask_classes,
+                                            classes),
+                            **as_classifier(prob, label, truth)}
             if args.sweep:
-                sweep[method] = [train.score_segmenter(prob, ds, scored_rows(ds), classes, t)
+                sweep[method] = [train.score_segmenter(prob, masks, ds.mask_classes, classes, t)
                                  for t in params.evaluate.threshold_grid]
             if method == "segmenter" and "cascade" in chosen:
                 keep = slice_prob >= float(chosen["cascade"]["gate"])
-                rows["cascade"] = {**segmenter_row(prob, float(chosen["cascade"]["threshold"]), ds, classes,
-                                                   keep=keep),
+                rows["cascade"] = {**segmenter_row(prob, float(chosen["cascade"]["threshold"]), masks,
+                                                   ds.mask_classes, classes, keep=keep),
                                    "gate": float(chosen["cascade"]["gate"])}
     ratio = (rows["segmenter"]["dice_pos"] / rows["oracle"]["dice_pos"]
              if "oracle" in rows and rows["oracle"]["dice_pos"] > 0 else float("nan"))

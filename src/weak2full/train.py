@@ -373,21 +373,23 @@ def segmenter_metrics(model, ds: DatasetFile, idx: np.ndarray, input_params, cla
     prob = predict_masks(model, ds, idx[annotated], input_params, batch_size, device, flip=flip)
     if keep is not None:
         keep = np.asarray(keep, bool)[annotated]
-    return score_segmenter(prob, ds, idx[annotated], classes, threshold, keep)
+    masks = ds.annotated_masks(idx[annotated])
+    return score_segmenter(prob, masks, ds.mask_classes, classes, threshold, keep)
 
 
-def score_segmenter(prob: np.ndarray, ds: DatasetFile, idx: np.ndarray, classes: list[str],
+def score_segmenter(prob: np.ndarray, masks: np.ndarray, mask_classes: list[str], classes: list[str],
                     threshold: float = 0.5, keep: np.ndarray | None = None) -> dict:
-    """The metrics of :func:`segmenter_metrics` from probabilities (n, K, H, W) already predicted for the
-    annotated rows ``idx`` (:func:`weak2full.models.predict_masks`); ``keep``: bool per row of ``idx``."""
-    masks = ds.annotated_masks(idx)
+    """The metrics of :func:`segmenter_metrics` from probabilities (n, K, H, W) already predicted
+    (:func:`weak2full.models.predict_masks`) and the rows' annotated masks (n, H, W), so a caller scoring
+    the same slices several times (thresholds, a gate) reads and predicts them once; ``keep``: bool per
+    row."""
     if keep is not None:
-        prob = prob * np.asarray(keep, bool)[:, None, None, None]
+        prob = prob * keep[:, None, None, None]
     dice_pos, fp = [], []
     for k, cls in enumerate(classes):
-        if cls != "any" and cls not in ds.mask_classes:
+        if cls != "any" and cls not in mask_classes:
             continue
-        dice, rate = dice_pos_and_fp_rate(prob[:, k] >= threshold, truth_mask(masks, ds.mask_classes, cls))
+        dice, rate = dice_pos_and_fp_rate(prob[:, k] >= threshold, truth_mask(masks, mask_classes, cls))
         dice_pos.append(dice)
         fp.append(rate)
     return {"dice_pos": _nanmean(dice_pos), "fp_slice_rate": _nanmean(fp)}
