@@ -213,10 +213,13 @@ def run(
         for method, path in networks:
             t = p.threshold
             gated = method == "segmenter"  # the cascade row needs its val probabilities too
+            # The threshold depends on val dice_pos alone, so without the cascade's gate (which needs
+            # the negatives' false positives) only the val slices with a bleed are predicted.
+            rows = slice(None) if gated else any_val.any(axis=(1, 2))
             need_val = p.calibrate_threshold or gated
-            prob_val = _segmenter_probs(Path(path), ds, val, params) if need_val else None
+            prob_val = _segmenter_probs(Path(path), ds, val[rows], params) if need_val else None
             if p.calibrate_threshold:
-                t, _ = _threshold_on_val(prob_val.max(1), any_val, p.threshold_grid, p.threshold,
+                t, _ = _threshold_on_val(prob_val.max(1), any_val[rows], p.threshold_grid, p.threshold,
                                          p.threshold_tolerance)
             prob = _segmenter_probs(Path(path), ds, test, params)
             labels_test = labels_from_probs(prob, t)

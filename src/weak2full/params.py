@@ -344,7 +344,9 @@ class CRFParams(_Section):
     # data, 3 keeps the CRF's test Dice at the raw map's (0.28), 10 drags it to 0.15 (bleeds leak out).
     bilateral_sxy: float = Field(3.0, gt=0.0)
     bilateral_srgb: float = Field(10.0, gt=0.0)  # in 0..255 units of the windowed image
-    compat: float = Field(5.0, ge=0.0)  # bilateral kernel weight
+    # Bilateral kernel weight. On the default data the pseudo-masks' val Dice rises with it up to ~30 and
+    # is flat beyond (docs/TUNING.md, Session 10: 0.43 at 3, 0.63 at 10, 0.67 at 40); calibration searches it.
+    compat: float = Field(30.0, ge=0.0)
     # Probabilities are clipped to this floor before -log: bounds the unary of a pixel whose map is 0.
     unary_clip: float = Field(1e-5, gt=0.0, lt=0.5)
 
@@ -357,7 +359,7 @@ class CRFParams(_Section):
 class CalibrationParams(_Section):
     fg_grid: list[float] = Field(default_factory=lambda: [0.5, 0.6, 0.7, 0.8, 0.9])
     bg_grid: list[float] = Field(default_factory=lambda: [0.1, 0.2, 0.3, 0.4])
-    compat_grid: list[float] = Field(default_factory=lambda: [1.0, 3.0, 10.0])
+    compat_grid: list[float] = Field(default_factory=lambda: [3.0, 10.0, 30.0, 100.0])
 
     @field_validator("fg_grid", "bg_grid")
     @classmethod
