@@ -345,7 +345,8 @@ class CRFParams(_Section):
     bilateral_sxy: float = Field(3.0, gt=0.0)
     bilateral_srgb: float = Field(10.0, gt=0.0)  # in 0..255 units of the windowed image
     # Bilateral kernel weight. On the default data the pseudo-masks' val Dice rises with it up to ~30 and
-    # is flat beyond (docs/TUNING.md, Session 10: 0.43 at 3, 0.63 at 10, 0.67 at 40); calibration searches it.
+    # is flat beyond (docs/TUNING.md, Session 10: 0.43 at 3, 0.63 at 10, 0.67 at 30, 0.68 at 100);
+    # calibration searches it.
     compat: float = Field(30.0, ge=0.0)
     # Probabilities are clipped to this floor before -log: bounds the unary of a pixel whose map is 0.
     unary_clip: float = Field(1e-5, gt=0.0, lt=0.5)
