@@ -17,8 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # The smoke configuration: the whole chain end to end in well under two minutes on 2 CPU cores.
 SMOKE = {
     "common": {"device": "cpu"},
-    "data": {"image_size": 64, "split": {"test_fraction": 0.2},
-             "synthetic": {"patients": 12, "slices_per_patient": 12}},
+    "data": {"image_size": 64, "synthetic": {"patients": 12, "slices_per_patient": 12}},
     "train_classifier": {"encoder": "resnet10t", "decoder_channels": [32, 16, 16, 8], "heatmap_size": 64,
                          "epochs": 1, "steps_per_epoch": 3, "batch_size": 4},
     "baseline_cam": {"encoder": "resnet10t", "epochs": 1, "steps_per_epoch": 3, "batch_size": 4},
@@ -49,10 +48,7 @@ PRETRAINED = {s: {"encoder_weights": "synthetic"}
 # contrast, smaller bleeds, another seed. Run with and without pretraining (docs/PRETRAIN.md).
 SHIFTED = {
     "common": {"seed": 7},
-    # 60 patients, 12 of them test: the split of docs/PRETRAIN.md's measurements.
-    "data": {"split": {"test_fraction": 0.2},
-             "synthetic": {"patients": 60, "noise_hu": 5.0, "psf_mm": 1.0, "blood_hu_mean": 42.0,
-                           "area_median": 0.4}},
+    "data": {"synthetic": {"noise_hu": 5.0, "psf_mm": 1.0, "blood_hu_mean": 42.0, "area_median": 0.4}},
     "export": {"name": "shifted-pseudo"},
 }
 
@@ -60,8 +56,7 @@ SHIFTED = {
 # heatmap, longer schedules, starting from synthetic pretraining. Expected cost: docs/PRESETS.md
 # (extrapolated) and docs/PRETRAIN.md.
 CT = {
-    "data": {"source": "ct-ich", "path": "data/ct-ich", "image_size": 256,
-             "split": {"test_fraction": 0.2}},
+    "data": {"source": "ct-ich", "path": "data/ct-ich", "image_size": 256},
     # test_scale 1: a 256x256 slice already gives a bleed four times the pixels of the 128x128 default.
     "train_classifier": {"heatmap_size": 128, "epochs": 30, "test_scale": 1.0},
     "baseline_cam": {"epochs": 20},

@@ -85,7 +85,7 @@ class SyntheticParams(_Section):
     real CT, so change them only to study that.
     """
 
-    patients: int = Field(72, ge=3)
+    patients: int = Field(60, ge=3)
     slices_per_patient: int = Field(32, ge=3)  # skull base -> vertex
     positive_patient_fraction: float = Field(0.48, ge=0.0, le=1.0)
     extra_lesions: float = Field(0.15, ge=0.0)  # mean number of further bleeds in a positive patient
@@ -130,7 +130,7 @@ class SplitParams(_Section):
     """Patient-level split and the annotated (pixel-labelled) subset the weak path may use."""
 
     val_fraction: float = Field(0.2, gt=0.0, lt=1.0)
-    test_fraction: float = Field(0.3, gt=0.0, lt=1.0)
+    test_fraction: float = Field(0.2, gt=0.0, lt=1.0)
     # Share of val / test patients whose masks are "annotated" (has_mask). Train masks never are.
     annotated_val_fraction: float = Field(1.0, ge=0.0, le=1.0)
     annotated_test_fraction: float = Field(1.0, ge=0.0, le=1.0)
