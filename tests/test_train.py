@@ -223,16 +223,13 @@ def test_skull_gap_cuts_one_thin_line_through_the_bone_only():
     assert data.skull_gap(brainless, np.random.default_rng(0)) is brainless  # no bone, nothing to cut
 
 
-def test_a_diverged_epoch_stops_with_the_keys_to_change(tiny, tmp_path, make_params):
+def test_a_diverged_epoch_stops_with_the_keys_to_change(tiny, tmp_path, make_params, monkeypatch):
     # A NaN loss (here forced; on a real run a too-high lr or a bf16 kernel) must not reach validation,
     # where scikit-learn would fail on NaN scores; nothing is written.
     params = make_params(common={"device": "cpu"}, baseline_cam={**TINY, "epochs": 1})
     real = losses.gap_cam_loss
-    losses.gap_cam_loss = lambda out, target: real(out, target) * float("nan")
-    try:
-        diverged = r"gap_cam: training diverged in epoch 1.*'lr'.*'amp'"
-        with pytest.raises(InvalidParameterError, match=diverged):
-            train.run_baseline(params, tiny, tmp_path / "d.pt", tmp_path / "d.json", None)
-    finally:
-        losses.gap_cam_loss = real
+    monkeypatch.setattr(losses, "gap_cam_loss", lambda out, target: real(out, target) * float("nan"))
+    diverged = r"gap_cam: training diverged in epoch 1.*'lr'.*'amp'"
+    with pytest.raises(InvalidParameterError, match=diverged):
+        train.run_baseline(params, tiny, tmp_path / "d.pt", tmp_path / "d.json", None)
     assert not (tmp_path / "d.pt").exists() and not (tmp_path / "d.json").exists()
