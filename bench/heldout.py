@@ -40,7 +40,7 @@ from sklearn.metrics import roc_auc_score
 from weak2full import prepare, train
 from weak2full.cams import predict_cams
 from weak2full.h5 import DatasetFile, truth_mask
-from weak2full.metrics import point_hits
+from weak2full.metrics import bootstrap_interval, dice_per_slice, patient_resamples, point_hits
 from weak2full.models import load_model, predict_masks
 from weak2full.params import InputParams, load_params
 from weak2full.runtime import inference_model
@@ -104,6 +104,13 @@ def as_classifier(prob: np.ndarray, label: np.ndarray, truth: np.ndarray) -> dic
             "point_acc": float(point_hits(union[pos], truth[pos]).mean())}
 
 
+def _cell(value) -> str:
+    """A figure with three decimals, a ``{"low", "high"}`` interval as ``low–high``, else blank."""
+    if isinstance(value, dict):
+        return f"{value['low']:.3f}–{value['high']:.3f}"
+    return f"{value:.3f}" if isinstance(value, float) else ""
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--params", type=Path, default=Path("params.yaml"))
@@ -134,6 +141,10 @@ def main() -> None:
         n_pos = int(label.sum())
         masks = ds.annotated_masks(idx)
         truth = truth_mask(masks, ds.mask_classes, "any")
+        pos = truth.any(axis=(1, 2))
+        # Patient-bootstrap intervals, as the evaluate stage gives them on the test split.
+        weights = patient_resamples(ds.patient[idx][pos], params.evaluate.bootstrap_resamples or 2000, seed)
+        per_slice: dict[str, np.ndarray] = {}
         rows["gap_cam"], _ = classifier_row(args.models / "gap_cam.pt", "gap_cam", ds, classes)
         rows["heatmap"], slice_prob = classifier_row(args.models / "classifier.pt", "heatmap", ds, classes)
         for method, file in (("segmenter", "segmenter.pt"), ("oracle", "oracle.pt")):
@@ -143,6 +154,9 @@ def main() -> None:
             rows[method] = {**segmenter_row(prob, float(chosen[method]["threshold"]), masks, ds.mask_classes,
                                             classes),
                             **as_classifier(prob, label, truth)}
+            chosen_mask = prob.max(axis=1) >= float(chosen[method]["threshold"])
+            per_slice[method] = dice_per_slice(chosen_mask, truth)[pos]
+            rows[method]["dice_pos_ci95"] = bootstrap_interval(per_slice[method], weights)
             if args.sweep:
                 sweep[method] = [train.score_segmenter(prob, masks, ds.mask_classes, classes, t)
                                  for t in params.evaluate.threshold_grid]
@@ -153,13 +167,16 @@ def main() -> None:
                                    "gate": float(chosen["cascade"]["gate"])}
     ratio = (rows["segmenter"]["dice_pos"] / rows["oracle"]["dice_pos"]
              if "oracle" in rows and rows["oracle"]["dice_pos"] > 0 else float("nan"))
+    ratio_ci = (bootstrap_interval(per_slice["segmenter"], weights, baseline=per_slice["oracle"])
+                if "oracle" in per_slice and "segmenter" in per_slice else None)
     print(f"\nheld-out cohort: {args.patients} synthetic patients, seed {seed}, {n_pos} positive annotated "
           f"slices ({path})")
-    cols = ("auroc", "point_acc", "map_dice", "dice_pos", "fp_slice_rate")
+    cols = ("auroc", "point_acc", "map_dice", "dice_pos", "dice_pos_ci95", "fp_slice_rate")
     print("| method | " + " | ".join(cols) + " |\n|---|" + "---:|" * len(cols))
     for method, r in rows.items():
-        print(f"| {method} | " + " | ".join(f"{r[c]:.3f}" if c in r else "" for c in cols) + " |")
-    print(f"\nweak_over_full: {ratio:.3f}")
+        print(f"| {method} | " + " | ".join(_cell(r.get(c)) for c in cols) + " |")
+    interval = f" (95% interval over patients {_cell(ratio_ci)})" if ratio_ci else ""
+    print(f"\nweak_over_full: {ratio:.3f}{interval}")
     if sweep:
         grid = params.evaluate.threshold_grid
         print("\n| threshold | " + " | ".join(f"{t:g}" for t in grid) + " |\n|---|" + "---:|" * len(grid))
@@ -170,6 +187,7 @@ def main() -> None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps({"seed": seed, "patients": args.patients, "n_pos": n_pos,
                                         "rows": rows, "weak_over_full": ratio,
+                                        "weak_over_full_ci95": ratio_ci,
                                         **({"sweep": sweep} if sweep else {})}, indent=2) + "\n")
 
 

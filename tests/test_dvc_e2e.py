@@ -76,6 +76,11 @@ def test_first_repro_writes_every_output(repo):
     assert metrics["cascade"]["threshold"] == metrics["segmenter"]["threshold"]
     assert metrics["cascade"]["fp_slice_rate"] <= metrics["segmenter"]["fp_slice_rate"]
     assert "weak_over_full" in metrics
+    # Patient-bootstrap intervals beside the figures (the smoke split may leave one undefined: null).
+    for method in ("gap_cam", "heatmap", "pseudo_mask", "segmenter", "cascade", "oracle"):
+        ci = metrics[method]["dice_pos_ci95"]
+        assert ci is None or 0.0 <= ci["low"] <= ci["high"] <= 1.0, (method, ci)
+    assert "weak_over_full_ci95" in metrics
 
 
 def test_second_repro_runs_nothing(repo):

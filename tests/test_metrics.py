@@ -10,7 +10,9 @@ from weak2full.metrics import (
     dice_per_slice,
     dice_vs_threshold,
     hd95_per_slice,
+    bootstrap_interval,
     iou_per_slice,
+    patient_resamples,
     point_hits,
     score_method,
     score_multiclass,
@@ -278,3 +280,34 @@ def test_val_threshold_is_the_highest_within_the_tolerance_of_the_best_dice():
     t, curve = _threshold_on_val(prob, truth, grid, 0.5, tolerance=0.01)
     assert t == 0.9 and [r["fp_slice_rate"] for r in curve][4:6] == [1.0, 0.0]
     assert _threshold_on_val(prob[2:], truth[2:], grid, 0.5, tolerance=0.01) == (0.5, [])  # no positive
+
+
+def test_patient_resamples_draw_whole_patients():
+    patient = np.array([5, 5, 5, 9, 2, 2])
+    w = patient_resamples(patient, 500, seed=0)
+    assert w.shape == (500, 6)
+    # Every slice of a patient carries that patient's count, and each resample draws three patients.
+    assert (w[:, 0] == w[:, 1]).all() and (w[:, 1] == w[:, 2]).all() and (w[:, 4] == w[:, 5]).all()
+    assert (w[:, [0, 3, 4]].sum(axis=1) == 3).all()
+    assert np.array_equal(w, patient_resamples(patient, 500, seed=0))
+    with pytest.raises(InvalidInputError, match="non-empty"):
+        patient_resamples(np.array([]), 10, seed=0)
+
+
+def test_bootstrap_interval_of_a_mean_and_of_a_paired_ratio():
+    # Two patients: one whose slices all score 1.0, one whose slices all score 0.0.
+    patient = np.array([0, 0, 1, 1])
+    dice = np.array([1.0, 1.0, 0.0, 0.0])
+    w = patient_resamples(patient, 2000, seed=1)
+    ci = bootstrap_interval(dice, w)
+    assert ci == {"low": 0.0, "high": 1.0}  # draws of (0, 0) and (1, 1) each happen a quarter of the time
+    # Hand-computed weights: the resampled means are 1/2, 1 and 0.
+    w = np.array([[1.0, 1, 1, 1], [2, 2, 0, 0], [0, 0, 2, 2]])
+    assert bootstrap_interval(dice, w, level=0.0) == {"low": 0.5, "high": 0.5}
+    # Paired ratio: the same network on both sides is 1 on every resample.
+    assert bootstrap_interval(dice + 0.5, w, baseline=dice + 0.5) == {"low": 1.0, "high": 1.0}
+    ratio = bootstrap_interval(np.array([0.5, 0.5, 0.2, 0.2]), w, level=0.0, baseline=dice + 0.5)
+    assert ratio["low"] == pytest.approx(0.7 / 2.0)  # median of 0.35, 0.333 and 0.4
+    # A resample whose baseline sums to zero leaves the ratio undefined.
+    assert bootstrap_interval(dice, w, baseline=dice) is None
+

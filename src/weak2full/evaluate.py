@@ -17,6 +17,12 @@ Rows of ``metrics/evaluate.json`` (DESIGN.md's names):
 * ``oracle``: the same segmenter trained on true masks — the ceiling, thresholded by the same rule;
   absent when switched off;
 * ``weak_over_full`` = segmenter ``dice_pos`` / oracle ``dice_pos``.
+
+With ``evaluate.bootstrap_resamples`` > 0 each row's ``dice_pos_ci95`` and the top-level
+``weak_over_full_ci95`` give 95% percentile intervals (``{"low", "high"}``) from resampling the test
+*patients* with replacement (:func:`weak2full.metrics.patient_resamples`; every method on the same
+resamples, so the ratio's interval is paired). They say how much of a difference between two runs the
+test split can tell from chance.
 """
 
 from __future__ import annotations
@@ -124,6 +130,18 @@ def _segmenter_probs(path: Path, ds: DatasetFile, idx: np.ndarray, params: Param
         )
     return predict_masks(model, ds, idx, InputParams(**ckpt["input"]), params.evaluate.batch_size, device,
                          flip=params.evaluate.flip_tta)
+
+
+def _add_intervals(table: dict, dice_pos_slices: dict, patient_pos: np.ndarray, resamples: int,
+                   seed: int) -> None:
+    """Patient-bootstrap 95% intervals: ``dice_pos_ci95`` in each row of ``dice_pos_slices`` (class
+    ``any``), ``weak_over_full_ci95`` at the top level (paired: the same resamples for both networks)."""
+    weights = M.patient_resamples(patient_pos, resamples, seed)
+    for method, dice in dice_pos_slices.items():
+        table[method]["dice_pos_ci95"] = M.bootstrap_interval(dice, weights)
+    if table.get("weak_over_full") is not None:
+        table["weak_over_full_ci95"] = M.bootstrap_interval(
+            dice_pos_slices["segmenter"], weights, baseline=dice_pos_slices["oracle"])
 
 
 def run(
@@ -236,13 +254,17 @@ def run(
                 kept = (slice_prob[test] >= gate)[:, None, None]
                 table["cascade"] = score(np.where(kept, labels_test, 0).astype(np.uint8))
                 table["cascade"].update(threshold=t, gate=gate, val_at_gate=at_gate)
+                dice_pos_slices["cascade"] = M.dice_per_slice(seg_pred & kept, any_test)[pos]
 
         seg, orc = table["segmenter"].get("dice_pos"), table.get("oracle", {}).get("dice_pos")
         table["weak_over_full"] = (seg / orc) if (seg is not None and orc) else None
+        if p.bootstrap_resamples > 0:
+            _add_intervals(table, dice_pos_slices, patient[pos], p.bootstrap_resamples, params.common.seed)
+        plot_dice = {m: d for m, d in dice_pos_slices.items() if m != "cascade"}
 
         # -- files
         write_json(out, table)
-        report.write_plots(curves, dice_pos_slices, roc, plots_dir)
+        report.write_plots(curves, plot_dice, roc, plots_dir)
         examples = []
         pos_rows = np.flatnonzero(pos)
         for group, i in report.pick_examples(dice_pos_slices["segmenter"], p.report_examples):

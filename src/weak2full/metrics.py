@@ -39,6 +39,8 @@ __all__ = [
     "score_multiclass",
     "classification_metrics",
     "dice_vs_threshold",
+    "patient_resamples",
+    "bootstrap_interval",
 ]
 
 # pred_labels value of a pseudo-mask pixel left unlabeled by the CRF band: scored as background,
@@ -475,3 +477,48 @@ def dice_vs_threshold(prob_map, truth, thresholds: Sequence[float], ignore=None)
             }
         )
     return records
+
+
+# ----------------------------------------------------------------------------- patient bootstrap
+
+
+def patient_resamples(patient, n_resamples: int, seed: int) -> np.ndarray:
+    """Weights (n_resamples, N) of a bootstrap over patients: row b counts how often the patient of each
+    of the N slices is drawn when the distinct patients are drawn with replacement, as many as there are.
+
+    Slices of one patient are alike (one head, one scan), so the patient, not the slice, is the unit a
+    test set samples; resampling slices would understate the spread. The same weights serve every method
+    of a table, so intervals of differences and ratios are paired.
+    """
+    patient = np.asarray(patient)
+    if patient.ndim != 1 or patient.size == 0:
+        raise InvalidInputError(f"patient must be a non-empty (N,) vector, got shape {patient.shape}.")
+    if n_resamples < 1:
+        raise InvalidInputError(f"n_resamples must be at least 1, got {n_resamples}.")
+    ids, inverse = np.unique(patient, return_inverse=True)
+    rng = np.random.default_rng(seed)
+    draws = rng.integers(0, len(ids), size=(n_resamples, len(ids)))
+    counts = np.stack([np.bincount(row, minlength=len(ids)) for row in draws])  # (B, P)
+    return counts[:, inverse].astype(np.float64)
+
+
+def bootstrap_interval(values, weights: np.ndarray, level: float = 0.95, baseline=None) -> dict | None:
+    """Percentile interval of the mean of ``values`` (N,) over the resamples of ``weights`` (B, N)
+    (:func:`patient_resamples`), or of the ratio of its mean to the mean of ``baseline`` (N,) on the same
+    resamples. Returns ``{"low", "high"}``, or None when a resample leaves nothing to average.
+    """
+    values = np.asarray(values, dtype=np.float64)
+    if values.shape != weights.shape[1:]:
+        raise InvalidInputError(f"values of shape {values.shape} for bootstrap weights of {weights.shape}.")
+    total = weights @ values
+    if baseline is None:
+        den = weights.sum(axis=1)
+    else:
+        den = weights @ np.asarray(baseline, dtype=np.float64)
+    if not (den > 0).all():
+        return None
+    stats = total / den
+    tail = (1.0 - level) / 2.0
+    low, high = np.quantile(stats, [tail, 1.0 - tail])
+    return {"low": float(low), "high": float(high)}
+

@@ -557,6 +557,9 @@ class EvaluateParams(_Section):
     # The ``cascade`` row gates the segmenter with the heatmap classifier's slice probability: the
     # strictest gate that keeps this share of the segmenter's val dice_pos (1.0: no bleed given up).
     cascade_keep_dice: float = Field(0.95, ge=0.0, le=1.0)
+    # 95% intervals of dice_pos and weak_over_full from this many resamples of the test patients (0: none).
+    # A default test split holds 12 patients: its figures move by tenths between two draws of the data.
+    bootstrap_resamples: int = Field(2000, ge=0)
 
     @field_validator("threshold_grid")
     @classmethod

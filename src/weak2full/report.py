@@ -43,7 +43,9 @@ __all__ = [
 # Rows of the results table, in the order of the chain; the oracle is always shown as the ceiling.
 METHODS = ("gap_cam", "heatmap", "pseudo_mask", "segmenter", "cascade", "oracle")
 LABELS = {"oracle": "oracle (ceiling)", "cascade": "cascade (segmenter gated by heatmap)"}
-COLUMNS = ("dice_pos", "dice_patient", "iou_pos", "fp_slice_rate", "hd95", "point_acc")
+COLUMNS = ("dice_pos", "dice_pos_ci95", "dice_patient", "iou_pos", "fp_slice_rate", "hd95", "point_acc")
+# Top-level entries of evaluate.json that are not methods.
+NOT_METHODS = ("weak_over_full", "weak_over_full_ci95")
 
 TRUTH_COLOUR = "#00e000"  # truth outline, on every panel
 PRED_COLOUR = "#ff3030"  # predicted foreground
@@ -53,7 +55,17 @@ UNLABELED_COLOUR = "#ffd000"  # a pseudo-mask's ignored band (255)
 # ------------------------------------------------------------------------------------------- table
 
 
+def _interval(value) -> str:
+    """A ``{"low", "high"}`` interval as ``0.470–0.680``; blank when absent."""
+    if not isinstance(value, Mapping) or not all(isinstance(value.get(k), (int, float))
+                                                 for k in ("low", "high")):
+        return ""
+    return f"{float(value['low']):.3f}–{float(value['high']):.3f}"
+
+
 def _fmt(value, column: str) -> str:
+    if column.endswith("_ci95"):
+        return _interval(value)
     if value is None or isinstance(value, (dict, list, str)):
         return ""
     value = float(value)
@@ -65,7 +77,7 @@ def _fmt(value, column: str) -> str:
 def _methods(table: Mapping) -> list[str]:
     """The known methods present in ``table`` in chain order, then any other method entries."""
     present = [m for m in METHODS if isinstance(table.get(m), Mapping)]
-    extra = [k for k, v in table.items() if isinstance(v, Mapping) and k not in METHODS]
+    extra = [k for k, v in table.items() if isinstance(v, Mapping) and k not in METHODS + NOT_METHODS]
     return present + extra
 
 
@@ -77,7 +89,9 @@ def _ratio_line(table: Mapping) -> str:
     ratio = table.get("weak_over_full")
     if ratio is None:
         return "weak_over_full: n/a (needs both a segmenter and an oracle dice_pos)"
-    return f"weak_over_full: {float(ratio):.3f} (segmenter dice_pos / oracle dice_pos)"
+    line = f"weak_over_full: {float(ratio):.3f} (segmenter dice_pos / oracle dice_pos)"
+    interval = _interval(table.get("weak_over_full_ci95"))
+    return line + (f"; 95% interval over test patients {interval}" if interval else "")
 
 
 def format_results_table(table: Mapping) -> str:
@@ -85,7 +99,7 @@ def format_results_table(table: Mapping) -> str:
 
     Rows are the methods in chain order (``oracle`` labelled ``oracle (ceiling)``), columns
     :data:`COLUMNS`; a metric a method does not have is left blank. Dice-like scores get three
-    decimals, ``hd95`` (pixels) one.
+    decimals, ``hd95`` (pixels) one; ``dice_pos_ci95`` is the patient-bootstrap 95% interval.
     """
     if not isinstance(table, Mapping) or not _methods(table):
         raise InvalidInputError("the results hold no method entries (expected e.g. 'segmenter': {...}).")
