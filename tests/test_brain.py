@@ -79,7 +79,8 @@ def test_cams_and_segmenter_masks_are_kept_inside_the_skull(tmp_path, make_param
                           3, 1, 32)
     seg = create_segmenter("Unet", "resnet18", 3, 1, decoder_channels=[8, 8, 8, 8, 8])
     with h5.DatasetFile(path) as f:
-        (cam_on, _), (cam_off, _) = predict_cams(heat, f, [0, 1], on, 32), predict_cams(heat, f, [0, 1], off, 32)
+        cam_on, _ = predict_cams(heat, f, [0, 1], on, 32)
+        cam_off, _ = predict_cams(heat, f, [0, 1], off, 32)
         seg_on, seg_off = predict_masks(seg, f, [0, 1], on), predict_masks(seg, f, [0, 1], off)
     assert np.array_equal(cam_on[:, 0][brain], cam_off[:, 0][brain])
     assert np.allclose(cam_on[0, 0][~brain[0]], np.median(cam_off[0, 0][brain[0]]))

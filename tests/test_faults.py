@@ -32,7 +32,8 @@ from typing import Callable
 import pytest
 import yaml
 
-from test_dvc_e2e import _env  # the same environment as the end-to-end test: PATH, PYTHONPATH=src, git identity
+# The same environment as the end-to-end test: PATH, PYTHONPATH=src, git identity.
+from test_dvc_e2e import _env
 
 from weak2full.errors import InvalidInputError
 from weak2full.h5 import open_checked

@@ -195,8 +195,8 @@ def write_nifti_cases(root: Path, n=4, layout="cases", values=(1,)) -> Path:
 def prepared(make_params, tmp_path, source, path, **data) -> DatasetFile:
     out = tmp_path / "out" / "dataset.h5"
     brain = {"brain_mask": data.get("intensity", "hu") == "hu"}  # the skull mask needs HU
-    prepare.run(make_params(data={"source": source, "path": str(path), "image_size": 32, **data}, input=brain),
-                out, None)
+    section = {"source": source, "path": str(path), "image_size": 32, **data}
+    prepare.run(make_params(data=section, input=brain), out, None)
     return DatasetFile(out)
 
 

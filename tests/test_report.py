@@ -20,8 +20,8 @@ TABLE = {
     "heatmap": {"dice_pos": 0.2, "dice_patient": None, "iou_pos": 0.11, "fp_slice_rate": 0.0, "hd95": 18.0,
                 "point_acc": 0.5, "per_class": {}},
     "segmenter": {"dice_pos": 0.4, "dice_pos_ci95": {"low": 0.31, "high": 0.4925}, "dice_patient": 0.45,
-                  "iou_pos": 0.28, "fp_slice_rate": 0.07, "hd95": 9.84, "n_slices": 40, "n_pos": 8, "n_neg": 32,
-                  "n_patients": 4,
+                  "iou_pos": 0.28, "fp_slice_rate": 0.07, "hd95": 9.84, "n_slices": 40, "n_pos": 8,
+                  "n_neg": 32, "n_patients": 4,
                   "per_class": {"subdural": {"dice_pos": 0.3, "hd95": 4.0}}},
     "oracle": {"dice_pos": 0.5, "dice_patient": 0.6, "iou_pos": 0.41, "fp_slice_rate": 0.03, "hd95": 6.0,
                "per_class": {}},
@@ -38,11 +38,12 @@ def test_results_table_is_markdown_with_blanks_and_the_ceiling_label():
     assert lines[1] == "|---|---:|---:|---:|---:|---:|---:|---:|"
     assert lines[2] == "| gap_cam | 0.100 |  | 0.120 | 0.050 | 0.000 | 30.2 | 0.050 |"
     assert lines[3] == "| heatmap | 0.200 |  |  | 0.110 | 0.000 | 18.0 | 0.500 |"  # None: blank
-    assert lines[4] == "| segmenter | 0.400 | 0.310–0.492 | 0.450 | 0.280 | 0.070 | 9.8 |  |"  # absent: blank
+    # point_acc absent: blank
+    assert lines[4] == "| segmenter | 0.400 | 0.310–0.492 | 0.450 | 0.280 | 0.070 | 9.8 |  |"
     assert lines[5] == "| oracle (ceiling) | 0.500 |  | 0.600 | 0.410 | 0.030 | 6.0 |  |"
     assert len(lines) == 8  # the interval of the ratio is no method row
-    assert lines[7] == ("weak_over_full: 0.800 (segmenter dice_pos / oracle dice_pos); 95% interval over test "
-                        "patients 0.600–1.050")
+    assert lines[7] == ("weak_over_full: 0.800 (segmenter dice_pos / oracle dice_pos); 95% interval over "
+                        "test patients 0.600–1.050")
     assert "pseudo_mask" not in text  # a method missing from the file has no row
 
 

@@ -22,7 +22,8 @@ def _chain(root, dataset, params):
     train.run_baseline(params, dataset, root / "gap_cam.pt", root / "baseline.json", None)
     cams.run(params, root / "classifier.pt", dataset, root / "cams.h5")
     cams.run(params, root / "gap_cam.pt", dataset, root / "gap_cam.h5")
-    pseudo_masks.run(params, dataset, root / "cams.h5", root / "pseudo.h5", root / "pm.json", root / "cal.json")
+    pseudo_masks.run(params, dataset, root / "cams.h5", root / "pseudo.h5", root / "pm.json",
+                     root / "cal.json")
     train.run_segmenter(params, dataset, root / "pseudo.h5", root / "segmenter.pt", None)
     return root
 
