@@ -498,15 +498,17 @@ def run_baseline(params: Params, dataset, out_model, out_metrics, live_dir="dvcl
 
 
 def _train_segmenter(
-    params: Params, section, train_set: SliceDataset, dataset, out_model, live_dir, desc: str, pretrained=None
+    params: Params, section_name: str, train_set: SliceDataset, dataset, out_model, live_dir, pretrained=None
 ) -> dict:
+    """The shared body of the train_segmenter and train_oracle stages. ``section_name`` is the params
+    section (``train_segmenter`` or ``train_oracle``); without its prefix it names the run."""
+    section, desc = getattr(params, section_name), section_name.removeprefix("train_")
     device = _setup(params)
     # The input the callers built the train set with (input.for_segmenter()): the checkpoint stores it.
     classes, ip = list(params.common.classes), train_set.input_params
     config = model_config("segmenter", section, ip.in_channels, len(classes), 0)
-    key = "train_segmenter.encoder_weights" if desc == "segmenter" else "train_oracle.encoder_weights"
     model = create_model("segmenter", config, resolve_encoder_weights(section.encoder_weights, pretrained,
-                                                                      key))
+                                                                      f"{section_name}.encoder_weights"))
     with DatasetFile(dataset) as ds:
         val_idx = selection_rows(ds, classes, section.val_negative_ratio, params.common.seed)
     if len(val_idx) == 0:
@@ -546,8 +548,7 @@ def run_segmenter(params: Params, dataset, pseudo, out_model, live_dir="dvclive/
     train_set = SliceDataset(dataset, train_idx, params.input.for_segmenter(), params.common.classes,
                              "pseudo", params.train_segmenter.augment, pseudo_path=pseudo,
                              crop_size=params.train_segmenter.crop_size)
-    section = params.train_segmenter
-    return _train_segmenter(params, section, train_set, dataset, out_model, live_dir, "segmenter", pretrained)
+    return _train_segmenter(params, "train_segmenter", train_set, dataset, out_model, live_dir, pretrained)
 
 
 def run_oracle(params: Params, dataset, out_model, live_dir="dvclive/train_oracle", pretrained=None) -> dict:
@@ -568,5 +569,4 @@ def run_oracle(params: Params, dataset, out_model, live_dir="dvclive/train_oracl
         train_idx = ds.indices("train")
     train_set = SliceDataset(dataset, train_idx, params.input.for_segmenter(), params.common.classes,
                              "oracle", params.train_oracle.augment, crop_size=params.train_oracle.crop_size)
-    return _train_segmenter(params, params.train_oracle, train_set, dataset, out_model, live_dir, "oracle",
-                            pretrained)
+    return _train_segmenter(params, "train_oracle", train_set, dataset, out_model, live_dir, pretrained)
