@@ -74,8 +74,9 @@ def main() -> None:
         print(f"fg {args.fg}, bg {args.bg}; slices: " + ", ".join(f"{k} {len(v)}" for k, v in groups.items()))
         print("| setting | " + " | ".join(f"{k}: Dice / area / truth ignored" for k in groups) + " |")
         print("|---|" + "---:|" * len(groups))
+        defaults = base.model_dump()
         for crf in settings:
-            changed = {k: v for k, v in crf.model_dump().items() if v != base.model_dump()[k]}
+            changed = {k: v for k, v in crf.model_dump().items() if v != defaults[k]}
             cells = []
             for rows, images, truth, cams in data.values():
                 masks = np.stack([make_pseudo_mask(normalise_cam(c, normalisation), labels[r], im, args.fg,

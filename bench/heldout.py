@@ -43,6 +43,7 @@ from weak2full.h5 import DatasetFile, truth_mask
 from weak2full.metrics import bootstrap_interval, dice_per_slice, patient_resamples, point_hits
 from weak2full.models import load_model, predict_masks
 from weak2full.params import InputParams, load_params
+from weak2full.report import format_cell
 from weak2full.runtime import inference_model
 
 
@@ -102,13 +103,6 @@ def as_classifier(prob: np.ndarray, label: np.ndarray, truth: np.ndarray) -> dic
     pos = truth.any(axis=(1, 2))
     return {"auroc": float(roc_auc_score(label, union.reshape(len(union), -1).max(axis=1))),
             "point_acc": float(point_hits(union[pos], truth[pos]).mean())}
-
-
-def _cell(value) -> str:
-    """A figure with three decimals, a ``{"low", "high"}`` interval as ``low–high``, else blank."""
-    if isinstance(value, dict):
-        return f"{value['low']:.3f}–{value['high']:.3f}"
-    return f"{value:.3f}" if isinstance(value, float) else ""
 
 
 def main() -> None:
@@ -174,8 +168,9 @@ def main() -> None:
     cols = ("auroc", "point_acc", "map_dice", "dice_pos", "dice_pos_ci95", "fp_slice_rate")
     print("| method | " + " | ".join(cols) + " |\n|---|" + "---:|" * len(cols))
     for method, r in rows.items():
-        print(f"| {method} | " + " | ".join(_cell(r.get(c)) for c in cols) + " |")
-    interval = f" (95% interval over patients {_cell(ratio_ci)})" if ratio_ci else ""
+        print(f"| {method} | " + " | ".join(format_cell(r.get(c), c) for c in cols) + " |")
+    interval = format_cell(ratio_ci, "weak_over_full_ci95")
+    interval = f" (95% interval over patients {interval})" if interval else ""
     print(f"\nweak_over_full: {ratio:.3f}{interval}")
     if sweep:
         grid = params.evaluate.threshold_grid

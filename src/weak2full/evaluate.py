@@ -226,6 +226,7 @@ def run(
 
         # -- the segmenter and the ceiling, from pixels only
         seg_pred = None
+        cascade_dice = None  # per positive slice, for its interval only (the plots leave the cascade out)
         # train_oracle.enabled false: its stage wrote a marker checkpoint, and the row is left out.
         networks = [("segmenter", segmenter)] + ([("oracle", oracle)] if params.train_oracle.enabled else [])
         for method, path in networks:
@@ -254,17 +255,17 @@ def run(
                 kept = (slice_prob[test] >= gate)[:, None, None]
                 table["cascade"] = score(np.where(kept, labels_test, 0).astype(np.uint8))
                 table["cascade"].update(threshold=t, gate=gate, val_at_gate=at_gate)
-                dice_pos_slices["cascade"] = M.dice_per_slice(seg_pred & kept, any_test)[pos]
+                cascade_dice = M.dice_per_slice(seg_pred & kept, any_test)[pos]
 
         seg, orc = table["segmenter"].get("dice_pos"), table.get("oracle", {}).get("dice_pos")
         table["weak_over_full"] = (seg / orc) if (seg is not None and orc) else None
         if p.bootstrap_resamples > 0:
-            _add_intervals(table, dice_pos_slices, patient[pos], p.bootstrap_resamples, params.common.seed)
-        plot_dice = {m: d for m, d in dice_pos_slices.items() if m != "cascade"}
+            scored = dice_pos_slices if cascade_dice is None else {**dice_pos_slices, "cascade": cascade_dice}
+            _add_intervals(table, scored, patient[pos], p.bootstrap_resamples, params.common.seed)
 
         # -- files
         write_json(out, table)
-        report.write_plots(curves, plot_dice, roc, plots_dir)
+        report.write_plots(curves, dice_pos_slices, roc, plots_dir)
         examples = []
         pos_rows = np.flatnonzero(pos)
         for group, i in report.pick_examples(dice_pos_slices["segmenter"], p.report_examples):

@@ -34,6 +34,7 @@ from weak2full.h5 import atomic_output
 __all__ = [
     "METHODS",
     "COLUMNS",
+    "format_cell",
     "format_results_table",
     "pick_examples",
     "write_plots",
@@ -63,7 +64,9 @@ def _interval(value) -> str:
     return f"{float(value['low']):.3f}–{float(value['high']):.3f}"
 
 
-def _fmt(value, column: str) -> str:
+def format_cell(value, column: str) -> str:
+    """One cell of a results table: three decimals (``hd95``: one), an interval column (``*_ci95``) as
+    ``low–high``, blank for a missing or non-numeric value."""
     if column.endswith("_ci95"):
         return _interval(value)
     if value is None or isinstance(value, (dict, list, str)):
@@ -82,7 +85,7 @@ def _methods(table: Mapping) -> list[str]:
 
 
 def _rows(table: Mapping) -> list[tuple[str, list[str]]]:
-    return [(LABELS.get(m, m), [_fmt(table[m].get(c), c) for c in COLUMNS]) for m in _methods(table)]
+    return [(LABELS.get(m, m), [format_cell(table[m].get(c), c) for c in COLUMNS]) for m in _methods(table)]
 
 
 def _ratio_line(table: Mapping) -> str:
