@@ -1,8 +1,9 @@
 """Localisation of the heatmap network vs the GAP-CAM baseline on the annotated test slices.
 
-Prints AUROC (all test slices), point_acc and map Dice (annotated test positives; each method's
-normalised map thresholded where it was best on val) for both classifiers, with the seconds each took
-to train. Either scores
+Prints AUROC (all test slices; with the slice context the cams stage gives the image probabilities,
+`cams.neighbour_weight`, and of each slice alone), point_acc and map Dice (annotated test positives; each
+method's normalised map thresholded where it was best on val) for both classifiers, with the seconds
+each took to train. Either scores
 existing checkpoints, or (--train) trains both first with the params file's settings:
 
     .venv/bin/python bench/bench_localisation.py --dataset data/prepared/dataset.h5 --train
@@ -18,16 +19,25 @@ import time
 from pathlib import Path
 
 from weak2full import train
+from weak2full.cams import predict_cams, with_slice_context
 from weak2full.h5 import DatasetFile
+from weak2full.metrics import classification_metrics
 from weak2full.models import load_model
 from weak2full.params import InputParams, Params, load_params
+from weak2full.runtime import inference_model
 
 
-def score(path: Path, method: str, dataset: Path, classes: list[str]) -> dict:
+def score(path: Path, method: str, dataset: Path, classes: list[str], neighbour_weight: float) -> dict:
     model, ckpt = load_model(path, arch=method)
+    net, channels_last = inference_model(model)
     with DatasetFile(dataset) as ds:
-        return train.classifier_metrics(model, ds, ds.indices("test"), InputParams(**ckpt["input"]), classes,
-                                        method, int(ckpt["heatmap_size"]), thresholds=ckpt["map_thresholds"])
+        idx = ds.indices("test")  # whole patients, so every slice has its neighbours
+        cam, own = predict_cams(net, ds, idx, InputParams(**ckpt["input"]), int(ckpt["heatmap_size"]),
+                                channels_last=channels_last)
+        prob = with_slice_context(own, ds.patient[idx], ds.slice[idx], neighbour_weight)
+        r = train.score_classifier(cam, prob, ds, idx, classes, method, thresholds=ckpt["map_thresholds"])
+        r["auroc_alone"] = classification_metrics(own, ds.labels_for(classes)[idx], classes)["auroc"]
+        return r
 
 
 def main() -> None:
@@ -49,14 +59,16 @@ def main() -> None:
                 t0 = time.perf_counter()
                 fn(params, args.dataset, paths[method], Path(tmp) / f"{method}.json", None)
                 seconds[method] = time.perf_counter() - t0
-        rows = {m: score(paths[m], m, args.dataset, classes) for m in ("heatmap", "gap_cam")}
-    print(f"\nannotated test slices of {args.dataset}, classes {classes}")
-    head = ("auroc", "ap", "point_acc", "map_dice", "n_pos", "train_s")
-    print(f"{'method':10s} " + " ".join(f"{h:>9s}" for h in head))
+        weight = params.cams.neighbour_weight
+        rows = {m: score(paths[m], m, args.dataset, classes, weight) for m in ("heatmap", "gap_cam")}
+    print(f"\nannotated test slices of {args.dataset}, classes {classes}; auroc with slice context "
+          f"(cams.neighbour_weight {weight:g}), auroc_alone without")
+    head = ("auroc", "auroc_alone", "ap", "point_acc", "map_dice", "n_pos", "train_s")
+    print(f"{'method':10s} " + " ".join(f"{h:>11s}" for h in head))
     for m, r in rows.items():
         n_pos = sum(e["n_pos"] for e in r["per_class"].values())
-        print(f"{m:10s} {r['auroc']:9.3f} {r['ap']:9.3f} {r['point_acc']:9.3f} {r['map_dice']:9.3f} "
-              f"{n_pos:9d} {seconds[m]:9.0f}")
+        print(f"{m:10s} {r['auroc']:11.3f} {r['auroc_alone']:11.3f} {r['ap']:11.3f} {r['point_acc']:11.3f} "
+              f"{r['map_dice']:11.3f} {n_pos:11d} {seconds[m]:11.0f}")
     gain = rows["heatmap"]["map_dice"] - rows["gap_cam"]["map_dice"]
     print(f"map Dice gain of the heatmap network over gap_cam: {gain:+.3f}")
 

@@ -8,7 +8,8 @@ selection or calibration), annotates every val/test slice of it, and scores the 
 `dvc repro` at the thresholds the pipeline chose on val:
 
 * heatmap and gap_cam: AUROC and AP on every slice, point_acc and map Dice on the positives (the map
-  threshold stored in each checkpoint);
+  threshold stored in each checkpoint); the image probabilities with their slice context
+  (`cams.neighbour_weight`) as the cams stage writes them, and the AUROC of each slice alone beside;
 * segmenter and oracle: dice_pos and fp_slice_rate (the threshold in `metrics/evaluate.json`; with the
   test-time flip when `evaluate.flip_tta` is on, as evaluate reads them), and weak_over_full from them;
   beside them each read as a slice classifier (AUROC of a slice's highest probability, point_acc of its
@@ -38,9 +39,10 @@ import numpy as np
 from sklearn.metrics import roc_auc_score
 
 from weak2full import prepare, train
-from weak2full.cams import predict_cams
+from weak2full.cams import predict_cams, with_slice_context
 from weak2full.h5 import DatasetFile, truth_mask
-from weak2full.metrics import bootstrap_interval, dice_per_slice, patient_resamples, point_hits
+from weak2full.metrics import (bootstrap_interval, classification_metrics, dice_per_slice, patient_resamples,
+                               point_hits)
 from weak2full.models import load_model, predict_masks
 from weak2full.params import InputParams, load_params
 from weak2full.report import format_cell
@@ -70,15 +72,22 @@ def scored_rows(ds: DatasetFile) -> np.ndarray:
     return idx[ds.has_mask[idx]]
 
 
-def classifier_row(path: Path, method: str, ds: DatasetFile, classes: list[str]) -> tuple[dict, np.ndarray]:
-    """A classifier's row, and its probability that each scored row holds a bleed (max over classes)."""
+def classifier_row(path: Path, method: str, ds: DatasetFile, classes: list[str],
+                   neighbour_weight: float) -> tuple[dict, np.ndarray]:
+    """A classifier's row, and its probability that each scored row holds a bleed (max over classes).
+
+    The probabilities get their slice context as the cams stage gives it (every val/test slice of the
+    cohort is scored, so each has its neighbours); ``auroc_slice_alone`` is the AUROC without it."""
     model, ckpt = load_model(path, arch=method)
     idx = scored_rows(ds)
     net, channels_last = inference_model(model)
-    cam, prob = predict_cams(net, ds, idx, InputParams(**ckpt["input"]), int(ckpt["heatmap_size"]),
-                             channels_last=channels_last)
+    cam, own = predict_cams(net, ds, idx, InputParams(**ckpt["input"]), int(ckpt["heatmap_size"]),
+                            channels_last=channels_last)
+    prob = with_slice_context(own, ds.patient[idx], ds.slice[idx], neighbour_weight)
     r = train.score_classifier(cam, prob, ds, idx, classes, method, thresholds=ckpt["map_thresholds"])
-    return {k: r[k] for k in ("auroc", "ap", "point_acc", "map_dice")}, prob.max(axis=1)
+    row = {k: r[k] for k in ("auroc", "ap", "point_acc", "map_dice")}
+    row["auroc_slice_alone"] = classification_metrics(own, ds.labels_for(classes)[idx], classes)["auroc"]
+    return row, prob.max(axis=1)
 
 
 def segmenter_probs(path: Path, ds: DatasetFile, flip: bool = False) -> np.ndarray:
@@ -139,8 +148,10 @@ def main() -> None:
         # Patient-bootstrap intervals, as the evaluate stage gives them on the test split.
         weights = patient_resamples(ds.patient[idx][pos], params.evaluate.bootstrap_resamples or 2000, seed)
         per_slice: dict[str, np.ndarray] = {}
-        rows["gap_cam"], _ = classifier_row(args.models / "gap_cam.pt", "gap_cam", ds, classes)
-        rows["heatmap"], slice_prob = classifier_row(args.models / "classifier.pt", "heatmap", ds, classes)
+        weight = params.cams.neighbour_weight
+        rows["gap_cam"], _ = classifier_row(args.models / "gap_cam.pt", "gap_cam", ds, classes, weight)
+        rows["heatmap"], slice_prob = classifier_row(args.models / "classifier.pt", "heatmap", ds, classes,
+                                                     weight)
         for method, file in (("segmenter", "segmenter.pt"), ("oracle", "oracle.pt")):
             if method not in chosen or "threshold" not in chosen[method]:
                 continue
@@ -169,6 +180,9 @@ def main() -> None:
     print("| method | " + " | ".join(cols) + " |\n|---|" + "---:|" * len(cols))
     for method, r in rows.items():
         print(f"| {method} | " + " | ".join(format_cell(r.get(c), c) for c in cols) + " |")
+    print(f"\nAUROC with slice context (cams.neighbour_weight {params.cams.neighbour_weight:g}) above; "
+          "of each slice alone: " + ", ".join(f"{m} {rows[m]['auroc_slice_alone']:.3f}"
+                                              for m in ("heatmap", "gap_cam")))
     interval = format_cell(ratio_ci, "weak_over_full_ci95")
     interval = f" (95% interval over patients {interval})" if interval else ""
     print(f"\nweak_over_full: {ratio:.3f}{interval}")

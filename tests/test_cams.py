@@ -38,11 +38,31 @@ def test_cams_file_follows_the_contract(tmp_path, make_params, method, norm, str
         assert f.attrs["method"] == method and f.attrs["normalisation"] == norm
         assert f.attrs["stride"] == stride and f.attrs["heatmap_size"] == 16
         assert json.loads(f.attrs["classes"]) == ["any"]
-        streamed = f["cam"][:]
+        assert f.attrs["neighbour_weight"] == params.cams.neighbour_weight == 0.5
+        streamed, prob = f["cam"][:], f["prob"][:]
     with h5.DatasetFile(ds) as d:  # chunked streaming gives what one pass over all rows gives
         model = load_model(ckpt)[0]
-        whole, _ = cams.predict_cams(model, d, np.arange(24), params.input, 16, batch_size=24)
+        whole, own = cams.predict_cams(model, d, np.arange(24), params.input, 16, batch_size=24)
+        # the slice context crosses chunk borders: it is applied once every chunk is in
+        context = cams.with_slice_context(own, d.patient, d.slice, params.cams.neighbour_weight)
     np.testing.assert_allclose(streamed, whole.astype(np.float16), atol=2e-3, rtol=2e-3)
+    # an untrained network's probabilities differ in the sixth digit, its context's too
+    np.testing.assert_allclose(prob, context, rtol=0, atol=1e-7)
+    assert np.abs(prob - own).max() > 1e-6
+
+
+def test_slice_context_averages_logits_of_the_same_patients_adjacent_slices():
+    logit = np.array([0.0, 2.0, -2.0, 4.0, 1.0, 3.0])
+    prob = (1 / (1 + np.exp(-logit)))[:, None].astype(np.float32)
+    patient = np.array([0, 0, 0, 1, 1, 1])
+    slice_index = np.array([0, 1, 2, 0, 1, 3])  # patient 1 lacks slice 2: slices 1 and 3 are no neighbours
+    got = cams.with_slice_context(prob, patient, slice_index, 0.5)
+    # a stack's end and a gap count the slice itself in the neighbour's place
+    want = np.array([(0 + 0.5 * (0 + 2)) / 2, (2 + 0.5 * (0 - 2)) / 2, (-2 + 0.5 * (2 - 2)) / 2,
+                     (4 + 0.5 * (4 + 1)) / 2, (1 + 0.5 * (4 + 1)) / 2, (3 + 0.5 * (3 + 3)) / 2])
+    np.testing.assert_allclose(got[:, 0], 1 / (1 + np.exp(-want)), rtol=1e-5)
+    assert got.dtype == np.float32
+    np.testing.assert_array_equal(cams.with_slice_context(prob, patient, slice_index, 0.0), prob)
 
 
 def test_cams_refuses_a_checkpoint_of_another_kind(tmp_path, make_params):

@@ -329,6 +329,9 @@ class BaselineParams(TrainParams):
 class CamsParams(_Section):
     batch_size: int = Field(32, ge=1)
     chunk_size: int = Field(256, ge=1)  # slices read, run and written at a time: bounds memory
+    # Each slice's image logit averaged with its two neighbours' at this weight each (0: the slice alone);
+    # only the image probabilities (slice ranking, the cascade's gate), not the maps.
+    neighbour_weight: float = Field(0.5, ge=0.0)
 
 
 # ---------------------------------------------------------------------------------------- pseudo masks
