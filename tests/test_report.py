@@ -16,7 +16,7 @@ from weak2full.report import format_results_table, pick_examples, write_html_rep
 
 TABLE = {
     "gap_cam": {"dice_pos": 0.1, "dice_patient": 0.12, "iou_pos": 0.05, "fp_slice_rate": 0.0, "hd95": 30.25,
-                "point_acc": 0.05, "n_slices": 40, "n_pos": 8, "n_neg": 32, "n_patients": 4, "per_class": {}},
+                "point_acc": 0.05, "auroc": 0.8125, "n_slices": 40, "n_pos": 8, "n_neg": 32, "n_patients": 4, "per_class": {}},
     "heatmap": {"dice_pos": 0.2, "dice_patient": None, "iou_pos": 0.11, "fp_slice_rate": 0.0, "hd95": 18.0,
                 "point_acc": 0.5, "per_class": {}},
     "segmenter": {"dice_pos": 0.4, "dice_pos_ci95": {"low": 0.31, "high": 0.4925}, "dice_patient": 0.45,
@@ -34,13 +34,13 @@ def test_results_table_is_markdown_with_blanks_and_the_ceiling_label():
     text = format_results_table(TABLE)
     lines = text.splitlines()
     assert lines[0] == ("| method | dice_pos | dice_pos_ci95 | dice_patient | iou_pos | fp_slice_rate | hd95 "
-                        "| point_acc |")
-    assert lines[1] == "|---|---:|---:|---:|---:|---:|---:|---:|"
-    assert lines[2] == "| gap_cam | 0.100 |  | 0.120 | 0.050 | 0.000 | 30.2 | 0.050 |"
-    assert lines[3] == "| heatmap | 0.200 |  |  | 0.110 | 0.000 | 18.0 | 0.500 |"  # None: blank
-    # point_acc absent: blank
-    assert lines[4] == "| segmenter | 0.400 | 0.310–0.492 | 0.450 | 0.280 | 0.070 | 9.8 |  |"
-    assert lines[5] == "| oracle (ceiling) | 0.500 |  | 0.600 | 0.410 | 0.030 | 6.0 |  |"
+                        "| point_acc | auroc |")
+    assert lines[1] == "|---|---:|---:|---:|---:|---:|---:|---:|---:|"
+    assert lines[2] == "| gap_cam | 0.100 |  | 0.120 | 0.050 | 0.000 | 30.2 | 0.050 | 0.812 |"
+    assert lines[3] == "| heatmap | 0.200 |  |  | 0.110 | 0.000 | 18.0 | 0.500 |  |"  # None: blank
+    # point_acc and auroc absent: blank
+    assert lines[4] == "| segmenter | 0.400 | 0.310–0.492 | 0.450 | 0.280 | 0.070 | 9.8 |  |  |"
+    assert lines[5] == "| oracle (ceiling) | 0.500 |  | 0.600 | 0.410 | 0.030 | 6.0 |  |  |"
     assert len(lines) == 8  # the interval of the ratio is no method row
     assert lines[7] == ("weak_over_full: 0.800 (segmenter dice_pos / oracle dice_pos); 95% interval over "
                         "test patients 0.600–1.050")
