@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from weak2full.export import load_pseudo_labels
 from weak2full.params import load_params
@@ -39,8 +40,9 @@ def _env() -> dict:
     return env
 
 
-def sh(*cmd: str, cwd: Path) -> str:
-    res = subprocess.run(list(cmd), cwd=cwd, env=_env(), capture_output=True, text=True, timeout=900)
+def sh(*cmd: str, cwd: Path, env: dict | None = None) -> str:
+    res = subprocess.run(list(cmd), cwd=cwd, env={**_env(), **(env or {})}, capture_output=True, text=True,
+                         timeout=900)
     if res.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({res.returncode}):\n{res.stdout}\n{res.stderr}")
     return res.stdout + res.stderr
@@ -58,11 +60,36 @@ def repo(tmp_path_factory) -> Path:
     sh("git", "clone", "-q", str(ROOT), str(repo), cwd=work)
     shutil.copy(repo / "params.smoke.yaml", repo / "params.yaml")
     sh("git", "commit", "-qam", "smoke params", cwd=repo)
-    out = sh("dvc", "repro", cwd=repo)
+    # Each stage logs the params.yaml keys it reads (tests/params_log/sitecustomize.py).
+    reads = work / "params-read"
+    reads.mkdir()
+    log = {"PYTHONPATH": f"{ROOT / 'tests' / 'params_log'}{os.pathsep}src", "WEAK2FULL_PARAMS_LOG": str(reads)}
+    out = sh("dvc", "repro", cwd=repo, env=log)
     assert "evaluate" in ran_stages(out) and "export" in ran_stages(out), out
     sh("git", "add", "-A", cwd=repo)
     sh("git", "commit", "-qm", "reproduced", cwd=repo)
     return repo
+
+
+def test_every_param_a_stage_reads_is_one_of_its_dvc_params(repo):
+    """dvc.yaml's params lists are what makes `dvc exp run -S key=value` re-run the right stages: a key a
+    stage reads but does not list would leave its output stale. Each stage of the smoke chain logged the
+    keys it read (the branches the smoke params take; conditional reads elsewhere are not seen)."""
+    listed: dict[str, list[str]] = {}
+    for stage in yaml.safe_load((repo / "dvc.yaml").read_text())["stages"].values():
+        stage = stage.get("do", stage)
+        script = re.search(r"stages/(\w+)\.py", stage["cmd"]).group(1)
+        listed[script] = [k for p in stage.get("params", []) for k in ([p] if isinstance(p, str) else
+                                                                       [x for v in p.values() for x in v])]
+    logs = sorted((repo.parent / "params-read").glob("*.txt"))
+    seen = {f.name.split("-")[0] for f in logs}
+    assert {"prepare", "train_classifier", "cams", "pseudo_masks", "train_segmenter", "evaluate"} <= seen
+    for f in logs:
+        stage = f.name.split("-")[0]
+        keys = f.read_text().splitlines()[1:]
+        assert keys, f"{f.name}: no params read"
+        missing = [k for k in keys if not any(k == h or k.startswith(h + ".") for h in listed[stage])]
+        assert not missing, f"stage {stage} reads {missing}, which its dvc.yaml params do not list"
 
 
 def test_first_repro_writes_every_output(repo):
