@@ -8,8 +8,8 @@ On the cohort of bench/heldout.py (100 fresh patients, cached under data/heldout
 network of models/classifier.pt over every slice and prints, on the annotated val + test slices:
 
 * the AUROC of the image probability, and of each slice's logit averaged with its two neighbours' (same
-  patient; weight w each side), and point_acc / map Dice (at 0.5 of the relative map) of the maps
-  averaged the same way;
+  patient; weight w each side; since Session 12 the cams stage does this at `cams.neighbour_weight`,
+  0.5), and point_acc / map Dice (at 0.5 of the relative map) of the maps averaged the same way;
 * the maps set to background within ``d`` pixels of anything above 100 HU (the calcified mimics): the
   AUROC of the map's peak, point_acc, map Dice and the share of the true bleed the gate removes;
 * the highest-scoring tenth of the negative slices by quarter of the head's height, against all
