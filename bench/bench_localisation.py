@@ -18,26 +18,16 @@ import tempfile
 import time
 from pathlib import Path
 
+from heldout import classifier_scores
+
 from weak2full import train
-from weak2full.cams import predict_cams, with_slice_context
 from weak2full.h5 import DatasetFile
-from weak2full.metrics import classification_metrics
-from weak2full.models import load_model
-from weak2full.params import InputParams, Params, load_params
-from weak2full.runtime import inference_model
+from weak2full.params import Params, load_params
 
 
 def score(path: Path, method: str, dataset: Path, classes: list[str], neighbour_weight: float) -> dict:
-    model, ckpt = load_model(path, arch=method)
-    net, channels_last = inference_model(model)
-    with DatasetFile(dataset) as ds:
-        idx = ds.indices("test")  # whole patients, so every slice has its neighbours
-        cam, own = predict_cams(net, ds, idx, InputParams(**ckpt["input"]), int(ckpt["heatmap_size"]),
-                                channels_last=channels_last)
-        prob = with_slice_context(own, ds.patient[idx], ds.slice[idx], neighbour_weight)
-        r = train.score_classifier(cam, prob, ds, idx, classes, method, thresholds=ckpt["map_thresholds"])
-        r["auroc_alone"] = classification_metrics(own, ds.labels_for(classes)[idx], classes)["auroc"]
-        return r
+    with DatasetFile(dataset) as ds:  # the test split holds whole patients: every slice has its neighbours
+        return classifier_scores(path, method, ds, ds.indices("test"), classes, neighbour_weight)[0]
 
 
 def main() -> None:
@@ -67,7 +57,8 @@ def main() -> None:
     print(f"{'method':10s} " + " ".join(f"{h:>11s}" for h in head))
     for m, r in rows.items():
         n_pos = sum(e["n_pos"] for e in r["per_class"].values())
-        print(f"{m:10s} {r['auroc']:11.3f} {r['auroc_alone']:11.3f} {r['ap']:11.3f} {r['point_acc']:11.3f} "
+        print(f"{m:10s} {r['auroc']:11.3f} {r['auroc_slice_alone']:11.3f} {r['ap']:11.3f} "
+              f"{r['point_acc']:11.3f} "
               f"{r['map_dice']:11.3f} {n_pos:11d} {seconds[m]:11.0f}")
     gain = rows["heatmap"]["map_dice"] - rows["gap_cam"]["map_dice"]
     print(f"map Dice gain of the heatmap network over gap_cam: {gain:+.3f}")

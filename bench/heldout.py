@@ -72,22 +72,29 @@ def scored_rows(ds: DatasetFile) -> np.ndarray:
     return idx[ds.has_mask[idx]]
 
 
-def classifier_row(path: Path, method: str, ds: DatasetFile, classes: list[str],
-                   neighbour_weight: float) -> tuple[dict, np.ndarray]:
-    """A classifier's row, and its probability that each scored row holds a bleed (max over classes).
+def classifier_scores(path: Path, method: str, ds: DatasetFile, idx: np.ndarray, classes: list[str],
+                      neighbour_weight: float) -> tuple[dict, np.ndarray]:
+    """A classifier's metrics on rows ``idx`` (:func:`weak2full.train.score_classifier`'s dict), and its
+    probability that each row holds a bleed (max over classes).
 
-    The probabilities get their slice context as the cams stage gives it (every val/test slice of the
-    cohort is scored, so each has its neighbours); ``auroc_slice_alone`` is the AUROC without it."""
+    The probabilities get their slice context as the cams stage gives it (``idx`` should hold whole
+    stacks, so that each slice has its neighbours); ``auroc_slice_alone`` is the AUROC without it."""
     model, ckpt = load_model(path, arch=method)
-    idx = scored_rows(ds)
     net, channels_last = inference_model(model)
     cam, own = predict_cams(net, ds, idx, InputParams(**ckpt["input"]), int(ckpt["heatmap_size"]),
                             channels_last=channels_last)
     prob = with_slice_context(own, ds.patient[idx], ds.slice[idx], neighbour_weight)
     r = train.score_classifier(cam, prob, ds, idx, classes, method, thresholds=ckpt["map_thresholds"])
-    row = {k: r[k] for k in ("auroc", "ap", "point_acc", "map_dice")}
-    row["auroc_slice_alone"] = classification_metrics(own, ds.labels_for(classes)[idx], classes)["auroc"]
-    return row, prob.max(axis=1)
+    r["auroc_slice_alone"] = classification_metrics(own, ds.labels_for(classes)[idx], classes)["auroc"]
+    return r, prob.max(axis=1)
+
+
+def classifier_row(path: Path, method: str, ds: DatasetFile, classes: list[str],
+                   neighbour_weight: float) -> tuple[dict, np.ndarray]:
+    """A classifier's row on the scored rows (every val/test slice of the cohort), and its slice
+    probability."""
+    r, slice_prob = classifier_scores(path, method, ds, scored_rows(ds), classes, neighbour_weight)
+    return {k: r[k] for k in ("auroc", "ap", "point_acc", "map_dice", "auroc_slice_alone")}, slice_prob
 
 
 def segmenter_probs(path: Path, ds: DatasetFile, flip: bool = False) -> np.ndarray:

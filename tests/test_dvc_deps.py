@@ -79,8 +79,7 @@ def test_every_library_module_a_stage_runs_is_a_dep(name):
     assert entry, f"stage {name}: no stages/*.py script in its cmd {cmd!r}"
     entry += [f for f in map(module_file, re.findall(r"-m (weak2full[\w.]*)", cmd)) if f is not None]
     deps = [d.rstrip("/") for d in stage.get("deps", [])]
-    for script in entry[:1]:
-        assert script.relative_to(ROOT).as_posix() in deps, f"stage {name}: its script is not a dep"
+    assert entry[0].relative_to(ROOT).as_posix() in deps, f"stage {name}: its script is not a dep"
 
     def listed(path: str) -> bool:
         return any(path == d or path.startswith(d + "/") for d in deps)

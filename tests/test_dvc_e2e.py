@@ -63,7 +63,8 @@ def repo(tmp_path_factory) -> Path:
     # Each stage logs the params.yaml keys it reads (tests/params_log/sitecustomize.py).
     reads = work / "params-read"
     reads.mkdir()
-    log = {"PYTHONPATH": f"{ROOT / 'tests' / 'params_log'}{os.pathsep}src", "WEAK2FULL_PARAMS_LOG": str(reads)}
+    log = {"PYTHONPATH": f"{ROOT / 'tests' / 'params_log'}{os.pathsep}src",
+           "WEAK2FULL_PARAMS_LOG": str(reads)}
     out = sh("dvc", "repro", cwd=repo, env=log)
     assert "evaluate" in ran_stages(out) and "export" in ran_stages(out), out
     sh("git", "add", "-A", cwd=repo)

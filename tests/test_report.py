@@ -16,7 +16,8 @@ from weak2full.report import format_results_table, pick_examples, write_html_rep
 
 TABLE = {
     "gap_cam": {"dice_pos": 0.1, "dice_patient": 0.12, "iou_pos": 0.05, "fp_slice_rate": 0.0, "hd95": 30.25,
-                "point_acc": 0.05, "auroc": 0.8125, "n_slices": 40, "n_pos": 8, "n_neg": 32, "n_patients": 4, "per_class": {}},
+                "point_acc": 0.05, "auroc": 0.8125, "n_slices": 40, "n_pos": 8, "n_neg": 32, "n_patients": 4,
+                "per_class": {}},
     "heatmap": {"dice_pos": 0.2, "dice_patient": None, "iou_pos": 0.11, "fp_slice_rate": 0.0, "hd95": 18.0,
                 "point_acc": 0.5, "per_class": {}},
     "segmenter": {"dice_pos": 0.4, "dice_pos_ci95": {"low": 0.31, "high": 0.4925}, "dice_patient": 0.45,

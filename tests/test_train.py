@@ -105,6 +105,10 @@ def test_slices_mode_repeats_edge_slices():
     prev, nxt = data.neighbours(patient, np.arange(5))
     assert prev.tolist() == [0, 0, 1, 3, 3]
     assert nxt.tolist() == [1, 2, 2, 4, 4]
+    # with slice indices, a missing slice (patient 1 lacks slice 1) breaks the adjacency too
+    prev, nxt = data.neighbours(patient, np.arange(5), np.array([0, 1, 2, 0, 2]))
+    assert prev.tolist() == [0, 0, 1, 3, 4]
+    assert nxt.tolist() == [1, 2, 2, 3, 4]
 
 
 def test_windows_neighbours_mode_stacks_the_windows_then_the_neighbours(make_params):

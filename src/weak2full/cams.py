@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from weak2full import distributed
 from weak2full.brain import intracranial_mask, restrict_to_brain
-from weak2full.data import model_input, source_stack
+from weak2full.data import model_input, neighbours, source_stack
 from weak2full.errors import InvalidInputError
 from weak2full.h5 import SCHEMA_VERSION, DatasetFile, atomic_output
 from weak2full.params import InputParams
@@ -75,14 +75,8 @@ def with_slice_context(prob: np.ndarray, patient: np.ndarray, slice_index: np.nd
         return prob
     p = np.clip(prob.astype(np.float64), 1e-7, 1 - 1e-7)
     logit = np.log(p) - np.log1p(-p)
-    rows = np.arange(len(p))
-
-    def adjacent(step: int) -> np.ndarray:
-        other = np.clip(rows + step, 0, len(p) - 1)
-        same = (patient[other] == patient) & (np.abs(slice_index[other] - slice_index) == 1)
-        return np.where(same, other, rows)
-
-    mean = (logit + weight * (logit[adjacent(-1)] + logit[adjacent(1)])) / (1.0 + 2.0 * weight)
+    prev, nxt = neighbours(patient, np.arange(len(p)), slice_index)
+    mean = (logit + weight * (logit[prev] + logit[nxt])) / (1.0 + 2.0 * weight)
     return (1.0 / (1.0 + np.exp(-mean))).astype(np.float32)
 
 

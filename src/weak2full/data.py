@@ -55,19 +55,24 @@ def window(hu: np.ndarray, level: float, width: float) -> np.ndarray:
     return np.clip((np.asarray(hu, dtype=np.float32) - lo) / float(width), 0.0, 1.0)
 
 
-def neighbours(patient: np.ndarray, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def neighbours(patient: np.ndarray, idx: np.ndarray,
+               slice_index: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Indices of the previous and next slice of the same patient, (n,) each.
 
     Slices of one patient are contiguous and sorted (the dataset.h5 contract), so the neighbour is the
     adjacent row when it belongs to the same patient; at a patient's first/last slice it is the slice itself.
+    With ``slice_index`` (one per row), the adjacent row must also be one slice away, so a missing slice
+    (or rows that are a subset of a stack) is no neighbour either.
     """
     idx = np.asarray(idx, dtype=np.int64)
     n = patient.shape[0]
     prev = np.maximum(idx - 1, 0)
     nxt = np.minimum(idx + 1, n - 1)
-    prev = np.where(patient[prev] == patient[idx], prev, idx)
-    nxt = np.where(patient[nxt] == patient[idx], nxt, idx)
-    return prev, nxt
+    same_prev, same_nxt = patient[prev] == patient[idx], patient[nxt] == patient[idx]
+    if slice_index is not None:
+        same_prev &= np.abs(slice_index[prev] - slice_index[idx]) == 1
+        same_nxt &= np.abs(slice_index[nxt] - slice_index[idx]) == 1
+    return np.where(same_prev, prev, idx), np.where(same_nxt, nxt, idx)
 
 
 def context_rows(patient: np.ndarray, idx: np.ndarray, n: int) -> np.ndarray:

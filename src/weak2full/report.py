@@ -44,7 +44,8 @@ __all__ = [
 # Rows of the results table, in the order of the chain; the oracle is always shown as the ceiling.
 METHODS = ("gap_cam", "heatmap", "pseudo_mask", "segmenter", "cascade", "oracle")
 LABELS = {"oracle": "oracle (ceiling)", "cascade": "cascade (segmenter gated by heatmap)"}
-COLUMNS = ("dice_pos", "dice_pos_ci95", "dice_patient", "iou_pos", "fp_slice_rate", "hd95", "point_acc", "auroc")
+COLUMNS = ("dice_pos", "dice_pos_ci95", "dice_patient", "iou_pos", "fp_slice_rate", "hd95", "point_acc",
+           "auroc")
 # Top-level entries of evaluate.json that are not methods.
 NOT_METHODS = ("weak_over_full", "weak_over_full_ci95")
 
