@@ -29,18 +29,13 @@ from heldout import cohort
 from scipy import ndimage
 from sklearn.metrics import roc_auc_score
 
-from weak2full.cams import normalise_cam, predict_cams
+from weak2full.cams import average_with_neighbours, normalise_cam, predict_cams
 from weak2full.data import neighbours
 from weak2full.h5 import DatasetFile, truth_mask
 from weak2full.metrics import dice_per_slice, dice_pos_and_fp_rate, point_hits
 from weak2full.models import load_model, predict_masks
 from weak2full.params import InputParams, load_params
 from weak2full.runtime import inference_model
-
-
-def with_neighbours(values: np.ndarray, prev: np.ndarray, nxt: np.ndarray, weight: float) -> np.ndarray:
-    """Each row averaged with its previous and next slice's rows, ``weight`` each (1 for itself)."""
-    return (values + weight * (values[prev] + values[nxt])) / (1.0 + 2.0 * weight)
 
 
 def relative_level(patient: np.ndarray, slice_index: np.ndarray) -> np.ndarray:
@@ -83,8 +78,9 @@ def main() -> None:
         print(f"cohort {path}: {len(scored)} annotated val/test slices, {int(pos.sum())} with a bleed\n")
         print("| reading | AUROC | point_acc | map Dice |\n|---|---:|---:|---:|")
         for w in (0.0, 0.25, 0.5, 1.0):
-            auroc = roc_auc_score(label, with_neighbours(logit, prev, nxt, w)[scored])
-            maps = normalise_cam(with_neighbours(cam, prev, nxt, w)[scored][pos][:, None], "relative")[:, 0]
+            auroc = roc_auc_score(label, average_with_neighbours(logit, prev, nxt, w)[scored])
+            averaged = average_with_neighbours(cam, prev, nxt, w)[scored][pos]
+            maps = normalise_cam(averaged[:, None], "relative")[:, 0]
             print(f"| slice and neighbours, weight {w} | {auroc:.3f} | "
                   f"{point_hits(maps, truth[pos]).mean():.3f} | "
                   f"{dice_per_slice(maps >= 0.5, truth[pos]).mean():.3f} |")
@@ -128,7 +124,7 @@ def main() -> None:
                                  flip=params.evaluate.flip_tta).max(axis=1)
             probs = full[scored]
             for w in (0.0, 0.1, 0.2, 0.35):
-                avg = with_neighbours(full, prev, nxt, w)[scored]
+                avg = average_with_neighbours(full, prev, nxt, w)[scored]
                 cells = [dice_pos_and_fp_rate(avg >= t, truth) for t in (0.5, 0.8)]
                 print(f"| {name}, {w} | " + " | ".join(f"{d:.3f} / {f:.3f}" for d, f in cells) + " |")
             fp = (probs >= 0.8).any(axis=(1, 2)) & neg

@@ -65,6 +65,14 @@ def test_slice_context_averages_logits_of_the_same_patients_adjacent_slices():
     np.testing.assert_array_equal(cams.with_slice_context(prob, patient, slice_index, 0.0), prob)
 
 
+def test_maps_average_with_their_neighbours_pixel_by_pixel():
+    maps = np.stack([np.full((2, 2), v) for v in (0.0, 3.0, 6.0)])
+    prev, nxt = np.array([0, 0, 1]), np.array([1, 2, 2])  # data.neighbours of one three-slice stack
+    got = cams.average_with_neighbours(maps, prev, nxt, 0.25)
+    np.testing.assert_allclose(got[:, 0, 0], [(0 + 0.25 * (0 + 3)) / 1.5, 3.0, (6 + 0.25 * (3 + 6)) / 1.5])
+    assert got.shape == maps.shape
+
+
 def test_cams_refuses_a_checkpoint_of_another_kind(tmp_path, make_params):
     ds = tiny_dataset(tmp_path / "dataset.h5")
     ckpt = checkpoint(tmp_path / "gap.pt", "gap_cam", make_params)

@@ -25,7 +25,10 @@ from weak2full.h5 import SCHEMA_VERSION, DatasetFile, atomic_output
 from weak2full.params import InputParams
 from weak2full.runtime import inference_model
 
-__all__ = ["normalise_cam", "predict_cams", "with_slice_context", "inference_model", "NORMALISATION", "run"]
+__all__ = [
+    "normalise_cam", "predict_cams", "with_slice_context", "average_with_neighbours", "inference_model",
+    "NORMALISATION", "run",
+]
 
 # How each method's raw map becomes 0..1 (stored in cams.h5 and read by normalise_cam).
 NORMALISATION = {"heatmap": "relative", "gap_cam": "max"}
@@ -76,8 +79,15 @@ def with_slice_context(prob: np.ndarray, patient: np.ndarray, slice_index: np.nd
     p = np.clip(prob.astype(np.float64), 1e-7, 1 - 1e-7)
     logit = np.log(p) - np.log1p(-p)
     prev, nxt = neighbours(patient, np.arange(len(p)), slice_index)
-    mean = (logit + weight * (logit[prev] + logit[nxt])) / (1.0 + 2.0 * weight)
+    mean = average_with_neighbours(logit, prev, nxt, weight)
     return (1.0 / (1.0 + np.exp(-mean))).astype(np.float32)
+
+
+def average_with_neighbours(values: np.ndarray, prev: np.ndarray, nxt: np.ndarray,
+                            weight: float) -> np.ndarray:
+    """Each row of ``values`` (a logit, a map, a probability mask) averaged with the rows ``prev`` and
+    ``nxt`` (:func:`weak2full.data.neighbours`), ``weight`` each against 1 for the row itself."""
+    return (values + weight * (values[prev] + values[nxt])) / (1.0 + 2.0 * weight)
 
 
 @torch.no_grad()
