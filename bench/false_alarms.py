@@ -29,7 +29,7 @@ from heldout import cohort
 from scipy import ndimage
 from sklearn.metrics import roc_auc_score
 
-from weak2full.cams import average_with_neighbours, normalise_cam, predict_cams
+from weak2full.cams import average_with_neighbours, normalise_cam, predict_cams, probability_logit
 from weak2full.data import neighbours
 from weak2full.h5 import DatasetFile, truth_mask
 from weak2full.metrics import dice_per_slice, dice_pos_and_fp_rate, point_hits
@@ -71,8 +71,7 @@ def main() -> None:
         net, channels_last = inference_model(model)
         cam, prob = predict_cams(net, ds, every, InputParams(**ckpt["input"]), int(ckpt["heatmap_size"]),
                                  channels_last=channels_last)
-        cam, prob = cam.max(axis=1), np.clip(prob.max(axis=1).astype(np.float64), 1e-7, 1 - 1e-7)
-        logit = np.log(prob) - np.log1p(-prob)
+        cam, logit = cam.max(axis=1), probability_logit(prob.max(axis=1))  # the image score, ranked below
         pos, neg = label, ~label
 
         print(f"cohort {path}: {len(scored)} annotated val/test slices, {int(pos.sum())} with a bleed\n")
@@ -100,7 +99,7 @@ def main() -> None:
                   f"{dice_per_slice(maps >= 0.5, truth[pos]).mean():.3f} |")
 
         negatives = np.flatnonzero(neg)
-        top = negatives[np.argsort(-prob[scored][negatives], kind="stable")[: len(negatives) // 10]]
+        top = negatives[np.argsort(-logit[scored][negatives], kind="stable")[: len(negatives) // 10]]
         quarter = np.minimum((level[scored] * 4).astype(int), 3)
         print(f"\nnegatives by quarter of the head's height (bottom first): highest-scoring tenth "
               f"{bin_counts(quarter[top], 4)}, all {bin_counts(quarter[neg], 4)}")
@@ -108,7 +107,7 @@ def main() -> None:
         for lo, hi in ((0, 30), (30, 100), (100, 300), (300, None)):
             m = pos & (area >= lo) & (area < (hi or np.inf))
             y = np.r_[np.ones(m.sum()), np.zeros(neg.sum())]
-            auroc = roc_auc_score(y, np.r_[prob[scored][m], prob[scored][neg]])
+            auroc = roc_auc_score(y, np.r_[logit[scored][m], logit[scored][neg]])
             cells.append(f"{lo}-{hi or ''} px ({int(m.sum())}) {auroc:.3f}")
         print("AUROC by the positive slice's bleed area: " + ", ".join(cells))
 

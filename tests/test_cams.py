@@ -65,6 +65,13 @@ def test_slice_context_averages_logits_of_the_same_patients_adjacent_slices():
     np.testing.assert_array_equal(cams.with_slice_context(prob, patient, slice_index, 0.0), prob)
 
 
+def test_probability_logit_is_finite_and_keeps_float32_near_ties_apart():
+    got = cams.probability_logit(np.array([0.0, 0.5, 1.0, 0.9999, 0.99999], dtype=np.float32))
+    assert got.dtype == np.float64 and np.isfinite(got).all()
+    np.testing.assert_allclose(got[:3], [np.log(1e-7 / (1 - 1e-7)), 0.0, np.log((1 - 1e-7) / 1e-7)])
+    assert got[3] < got[4] < got[2]  # probabilities float32 still tells apart stay apart
+
+
 def test_maps_average_with_their_neighbours_pixel_by_pixel():
     maps = np.stack([np.full((2, 2), v) for v in (0.0, 3.0, 6.0)])
     prev, nxt = np.array([0, 0, 1]), np.array([1, 2, 2])  # data.neighbours of one three-slice stack

@@ -26,8 +26,8 @@ from weak2full.params import InputParams
 from weak2full.runtime import inference_model
 
 __all__ = [
-    "normalise_cam", "predict_cams", "with_slice_context", "average_with_neighbours", "inference_model",
-    "NORMALISATION", "run",
+    "normalise_cam", "predict_cams", "with_slice_context", "average_with_neighbours", "probability_logit",
+    "inference_model", "NORMALISATION", "run",
 ]
 
 # How each method's raw map becomes 0..1 (stored in cams.h5 and read by normalise_cam).
@@ -76,11 +76,17 @@ def with_slice_context(prob: np.ndarray, patient: np.ndarray, slice_index: np.nd
     prob = np.asarray(prob, dtype=np.float32)
     if weight == 0 or len(prob) == 0:
         return prob
-    p = np.clip(prob.astype(np.float64), 1e-7, 1 - 1e-7)
-    logit = np.log(p) - np.log1p(-p)
-    prev, nxt = neighbours(patient, np.arange(len(p)), slice_index)
+    logit = probability_logit(prob)
+    prev, nxt = neighbours(patient, np.arange(len(prob)), slice_index)
     mean = average_with_neighbours(logit, prev, nxt, weight)
     return (1.0 / (1.0 + np.exp(-mean))).astype(np.float32)
+
+
+def probability_logit(prob: np.ndarray) -> np.ndarray:
+    """The logit of probabilities in float64, clipped to 1e-7 .. 1 - 1e-7 first: a float32 logit would
+    saturate the classifier's many probabilities of 1.000 into ties."""
+    p = np.clip(np.asarray(prob, dtype=np.float64), 1e-7, 1 - 1e-7)
+    return np.log(p) - np.log1p(-p)
 
 
 def average_with_neighbours(values: np.ndarray, prev: np.ndarray, nxt: np.ndarray,
