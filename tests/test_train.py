@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import warnings
 
 import numpy as np
 import pytest
@@ -11,7 +12,7 @@ import torch
 from scipy import ndimage as ndi
 
 from weak2full import data, h5, losses, train
-from weak2full.errors import InvalidParameterError
+from weak2full.errors import InvalidParameterError, LocalisationWarning
 from weak2full.models import create_heatmap, load_model
 
 
@@ -237,3 +238,22 @@ def test_a_diverged_epoch_stops_with_the_keys_to_change(tiny, tmp_path, make_par
     with pytest.raises(InvalidParameterError, match=diverged):
         train.run_baseline(params, tiny, tmp_path / "d.pt", tmp_path / "d.json", None)
     assert not (tmp_path / "d.pt").exists() and not (tmp_path / "d.json").exists()
+
+
+def test_a_heatmap_network_that_does_not_point_at_the_lesions_is_warned_about(tiny, tmp_path, make_params,
+                                                                                monkeypatch):
+    with pytest.warns(LocalisationWarning, match=r"model\.pt: .* on only 10% .*AUROC 0\.84"):
+        train.warn_if_not_localising({"auroc": 0.84, "point_acc": 0.1}, "model.pt")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no warning for a network that points, nor without val positives
+        train.warn_if_not_localising({"auroc": 0.84, "point_acc": train.LOCALISATION_FLOOR}, "model.pt")
+        train.warn_if_not_localising({"auroc": 0.84, "point_acc": float("nan")}, "model.pt")
+    # the stage checks its selected network's val figures, after its outputs are whole (a floor no
+    # network reaches, so the test does not hang on what two training steps happen to learn)
+    monkeypatch.setattr(train, "LOCALISATION_FLOOR", 1.01)
+    params = make_params(common={"device": "cpu"},
+                         train_classifier={**HEAT, "epochs": 1, "steps_per_epoch": 2})
+    with pytest.warns(LocalisationWarning, match="c.pt") as caught:
+        result = train.run_classifier(params, tiny, tmp_path / "c.pt", tmp_path / "c.json", None)
+    assert f"on only {result['val']['point_acc']:.0%} of" in str(caught[0].message)
+    assert (tmp_path / "c.pt").is_file() and (tmp_path / "c.json").is_file()

@@ -1,6 +1,6 @@
 """The project's exceptions. The first two subclass ValueError, so callers can catch either."""
 
-__all__ = ["InvalidParameterError", "InvalidInputError", "OutputWriteError"]
+__all__ = ["InvalidParameterError", "InvalidInputError", "OutputWriteError", "LocalisationWarning"]
 
 
 class InvalidParameterError(ValueError):
@@ -20,3 +20,8 @@ class OutputWriteError(OSError):
     The message names the file; the partial temporary file has been removed and the previous output, if
     any, is unchanged (:func:`weak2full.h5.atomic_output`).
     """
+
+
+class LocalisationWarning(UserWarning):
+    """A trained heatmap network classifies but its maps do not point at the lesions (like scikit-learn's
+    ConvergenceWarning: the output is written, and it is probably not what the user wants)."""

@@ -24,6 +24,7 @@ import contextlib
 import hashlib
 import json
 import math
+import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -35,7 +36,7 @@ from tqdm import tqdm
 from weak2full import distributed, losses
 from weak2full.cams import NORMALISATION, normalise_cam, predict_cams
 from weak2full.data import BalancedBatchSampler, SliceDataset
-from weak2full.errors import InvalidInputError, InvalidParameterError
+from weak2full.errors import InvalidInputError, InvalidParameterError, LocalisationWarning
 from weak2full.h5 import (
     DatasetFile,
     atomic_output,
@@ -69,6 +70,8 @@ __all__ = [
     "fit",
     "classifier_metrics",
     "MAP_THRESHOLDS",
+    "LOCALISATION_FLOOR",
+    "warn_if_not_localising",
     "segmenter_metrics",
     "score_classifier",
     "score_segmenter",
@@ -421,6 +424,26 @@ def _state_path(out_model: Path) -> Path:
     return out_model.with_name(f".{out_model.stem}.resume.pt")
 
 
+# Below this val point_acc a heatmap network's maps do not point at the lesions: it learned the label from
+# something else (DESIGN.md: AUROC 0.84 with point_acc 0.00 on real CT). The default reads 0.75-0.83 on
+# val at four seeds; two runs whose maps collapsed (docs/TUNING.md Sessions 13, 14) read <= 0.03 and 0.28.
+LOCALISATION_FLOOR = 0.3
+
+
+def warn_if_not_localising(val: dict, model_path: str | Path) -> None:
+    """A :class:`~weak2full.errors.LocalisationWarning` when the selected heatmap network's val ``point_acc``
+    (macro over classes, from :func:`classifier_metrics`) is under :data:`LOCALISATION_FLOOR`. Without
+    annotated val positives (NaN) there is nothing to say."""
+    point_acc = val.get("point_acc", float("nan"))
+    if point_acc < LOCALISATION_FLOOR:  # False for NaN
+        warnings.warn(
+            f"{model_path}: the selected heatmap network's map peak lies inside the lesion on only "
+            f"{point_acc:.0%} of the annotated val positives (AUROC {val.get('auroc', float('nan')):.2f}): "
+            "it classifies by something other than the lesion, and pseudo-masks made from its maps will be "
+            "poor. Look at the maps (reports/index.html), try another common.seed, or see docs/TUNING.md.",
+            LocalisationWarning, stacklevel=2)
+
+
 def _train_classifier(params: Params, arch: str, dataset: str | Path, out_model: str | Path,
                       out_metrics: str | Path, live_dir: str | Path | None, pretrained=None) -> dict:
     name = "train_classifier" if arch == "heatmap" else "baseline_cam"
@@ -478,6 +501,8 @@ def _train_classifier(params: Params, arch: str, dataset: str | Path, out_model:
                     heatmap_size=heatmap_size, selected_by=section.select_by, map_thresholds=thresholds)
     write_json(out_metrics, result)
     _state_path(out_model).unlink(missing_ok=True)  # only now: the outputs are whole
+    if arch == "heatmap":  # gap_cam's coarse CAM is the baseline, not expected to point
+        warn_if_not_localising(val, out_model)
     return result
 
 
