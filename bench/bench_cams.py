@@ -92,18 +92,21 @@ def gradcam_pass(model, dataset: Path, batch_size: int, channels_last: bool = Fa
 
 
 def speed(n: int, size: int, batch_size: int = 32, heatmap_size: int = 128,
-          gradcam_channels_last: bool = True) -> dict:
+          gradcam_channels_last: bool = True, test_scale: float | None = None) -> dict:
     """images/s of the cams stage and of GradCAM on the same network, inputs and batch size
-    (``gradcam_channels_last``: also GradCAM on the network in channels_last)."""
+    (``gradcam_channels_last``: also GradCAM on the network in channels_last). ``test_scale``: how
+    much the network enlarges a slice before reading it (None: the train_classifier default, 2)."""
     from weak2full.models import load_model
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         dataset = make_dataset(tmp / "dataset.h5", n, size)
-        ckpt = make_checkpoint(tmp / "classifier.pt", size, heatmap_size)
+        scale = {} if test_scale is None else {"test_scale": test_scale}
+        ckpt = make_checkpoint(tmp / "classifier.pt", size, heatmap_size, **scale)
         params = parse_params({"common": {"device": "cpu"}, "cams": {"batch_size": batch_size}})
         # Warm-up (first-call allocations, oneDNN kernels) on a few slices, for both.
         model = load_model(ckpt)[0]
+        read_at = model.test_scale
         small = make_dataset(tmp / "small.h5", batch_size, size)
         cams.run(params, ckpt, small, tmp / "warm.h5")
         gradcam_pass(model, small, batch_size)
@@ -133,6 +136,7 @@ def speed(n: int, size: int, batch_size: int = 32, heatmap_size: int = 128,
     return {
         "slices": n,
         "input": size,
+        "test_scale": read_at,
         "map": list(ours[-2:]),
         "gradcam_map": list(maps.shape[-2:]),
         "batch_size": batch_size,
@@ -173,6 +177,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--slices", type=int, default=512, help="slices for the speed comparison (0: skip)")
     ap.add_argument("--size", type=int, default=128, help="input side (128, 256, 512)")
+    ap.add_argument("--test-scale", type=float, default=None,
+                    help="train_classifier.test_scale of the network (default: the params default, 2; "
+                         "params.ct.yaml reads 256^2 and 512^2 inputs at 1)")
     ap.add_argument("--memory-slices", type=int, nargs="*", default=[1000, 20000])
     ap.add_argument("--make", nargs=3, help=argparse.SUPPRESS)
     ap.add_argument("--child", help=argparse.SUPPRESS)
@@ -185,7 +192,7 @@ def main() -> None:
         print(json.dumps(_child_run(Path(args.child))))
         return
     if args.slices:
-        s = speed(args.slices, args.size)
+        s = speed(args.slices, args.size, test_scale=args.test_scale)
         print(f"\ncams vs GradCAM, {s['slices']} slices at {s['input']}^2, {s['threads']} threads, "
               f"load {s['load']}")
         print(f"cams stage {s['cams_img_per_s']:.1f} img/s, GradCAM {s['gradcam_img_per_s']:.1f} img/s: "

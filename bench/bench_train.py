@@ -33,7 +33,7 @@ from _common import load, make_dataset  # noqa: E402
 from weak2full import losses  # noqa: E402
 from weak2full.data import SliceDataset  # noqa: E402
 from weak2full.models import create_model, model_config  # noqa: E402
-from weak2full.params import parse_params  # noqa: E402
+from weak2full.params import load_params, parse_params  # noqa: E402
 from weak2full.runtime import fast_bf16  # noqa: E402
 from weak2full.train import fit  # noqa: E402
 
@@ -80,14 +80,17 @@ def throughput(net: str, dataset: Path, size: int, workers: int, steps: int, war
             "timed_steps": steps, "img_per_s": p.batch_size * steps / seconds, "load": load()}
 
 
-def flops(net: str, size: int) -> float:
-    """Floating-point operations of one forward pass of one image (torch's FlopCounterMode)."""
+def flops(net: str, size: int, preset: Path | None = None) -> float:
+    """Floating-point operations of one forward pass of one image (torch's FlopCounterMode), the network
+    built as ``preset`` (a params file; None: the defaults) builds it, in eval mode, so a network that
+    reads slices enlarged (``test_scale``, ``upsample``) is counted at the enlarged size."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    params = parse_params({})
+    params = load_params(preset) if preset is not None else parse_params({})
     arch, p = {"classifier": ("heatmap", params.train_classifier),
                "gap_cam": ("gap_cam", params.baseline_cam),
                "segmenter": ("segmenter", params.train_segmenter)}[net]
+    p = p.model_copy(update={"encoder_weights": None})  # the count does not depend on the weights
     channels = (params.input.for_segmenter() if net == "segmenter" else params.input).in_channels
     model = create_model(arch, model_config(arch, p, channels, 1, size)).eval()
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
