@@ -176,12 +176,14 @@ def tree_rss_mib(root: int) -> float:
 def peak_memory(fn, *args) -> dict:
     """Run ``fn(*args)`` in this process and return its peaks in MiB: ``hwm`` (this process's VmHWM,
     reset by exec, so a fresh child reports its own peak) and ``tree`` (summed RSS of this process and
-    its descendants, e.g. pool workers, sampled every 50 ms; shared pages count once per process)."""
-    peak, done = [0.0], threading.Event()
+    its descendants, e.g. pool workers, sampled every 50 ms; shared pages count once per process), and
+    ``tree_tenths_mib``: the median of those samples in each tenth of the run, which tells a transient
+    peak (one high tenth) from growth (tenths that keep rising)."""
+    samples, done = [], threading.Event()
 
     def sample():
         while not done.wait(0.05):
-            peak[0] = max(peak[0], tree_rss_mib(os.getpid()))
+            samples.append(tree_rss_mib(os.getpid()))
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
@@ -191,7 +193,9 @@ def peak_memory(fn, *args) -> dict:
     done.set()
     sampler.join()
     hwm = [line for line in Path("/proc/self/status").read_text().splitlines() if line.startswith("VmHWM")]
-    return {"hwm_mib": int(hwm[0].split()[1]) / 1024, "tree_mib": peak[0], "seconds": seconds}
+    tenths = [np.median(part) for part in np.array_split(samples, 10) if len(part)]
+    return {"hwm_mib": int(hwm[0].split()[1]) / 1024, "tree_mib": max(samples, default=0.0),
+            "tree_tenths_mib": [round(float(m), 1) for m in tenths], "seconds": seconds}
 
 
 def run_child(script: str, *args: str) -> dict:

@@ -203,6 +203,8 @@ def main() -> None:
         for r in m["rows"]:
             print(f"{r['slices']:>8} slices {r['hwm_mib']:>8.1f} MiB {r['seconds']:>7.1f} s  "
                   f"load {r['load']}")
+            print(f"{'':>8} RSS median by tenth of the run (MiB): "
+                  + " ".join(f"{m:.0f}" for m in r["tree_tenths_mib"]))
         print(f"growth {m['growth']:+.1%} (target within 10%: {'met' if m['met'] else 'NOT met'})")
 
 
