@@ -23,7 +23,7 @@ from weak2full.data import model_input, neighbours, source_stack
 from weak2full.errors import InvalidInputError
 from weak2full.h5 import SCHEMA_VERSION, DatasetFile, atomic_output
 from weak2full.params import InputParams
-from weak2full.runtime import inference_model
+from weak2full.runtime import inference_model, release_freed_memory
 
 __all__ = [
     "normalise_cam", "predict_cams", "with_slice_context", "average_with_neighbours", "probability_logit",
@@ -193,6 +193,7 @@ def run(
                 c, p = predict_cams(model, ds, rows, input_params, size, params.cams.batch_size, device,
                                     channels_last)
                 yield a, np.clip(c, -65000, 65000).astype(np.float16), p
+                release_freed_memory()  # between chunks: resident memory stays flat as N grows
 
         if distributed.world() == 1:
             _write(out, (n, k, size, size), predicted(0, n), attrs, context)

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
 import random
 
 import numpy as np
 import torch
 
 __all__ = ["choose_device", "fast_bf16", "inference_model", "seed_everything", "rng_state", "set_rng_state",
-           "set_threads"]
+           "set_threads", "release_freed_memory"]
 
 
 def choose_device(setting: str = "auto") -> torch.device:
@@ -103,3 +106,27 @@ def inference_model(model: torch.nn.Module) -> tuple[torch.nn.Module, bool]:
     except Exception:  # noqa: BLE001 - an untraceable encoder only loses the folding
         fast = copy.deepcopy(model)
     return fast.to(memory_format=torch.channels_last), True
+
+
+@functools.cache
+def _malloc_trim():
+    """glibc's ``malloc_trim``, or None where the C library has none (musl, macOS, Windows)."""
+    name = ctypes.util.find_library("c")
+    try:
+        return ctypes.CDLL(name).malloc_trim if name else None
+    except (OSError, AttributeError):
+        return None
+
+
+def release_freed_memory() -> None:
+    """Hand the heap pages that freed buffers left behind back to the OS (glibc ``malloc_trim(0)``; a
+    no-op without glibc). Call it between chunks of a streaming loop.
+
+    Why: glibc raises its mmap threshold each time a large mmapped block is freed, after which buffers
+    of a few MiB (a batch of slices enlarged twice, its activations) come from the heap, where freed
+    ones fragment and stay resident. The cams stage's resident memory then stepped up by 100-300 MiB at
+    random points of long runs (docs/SCALE.md). Trimming after every chunk keeps it flat.
+    """
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
