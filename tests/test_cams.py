@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -99,8 +100,8 @@ def test_normalise_cam_sigmoid_and_max():
 
 
 def _resident_mib() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * 4096 / 2**20
+    with open("/proc/self/statm") as f:  # counted in pages
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
 @pytest.mark.skipif(runtime._malloc_trim() is None, reason="glibc's malloc_trim only")
