@@ -62,6 +62,27 @@ def test_shards_cover_every_row_once_in_whole_chunks():
         assert all(start % chunk == 0 for start, _ in parts)
 
 
+def test_thread_count_is_the_cpu_share_capped_by_omp_num_threads(monkeypatch):
+    from weak2full.runtime import set_threads
+
+    before = torch.get_num_threads()
+    monkeypatch.setattr(distributed.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
+    try:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+        monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+        assert set_threads() == 4  # every CPU this process may use
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+        assert set_threads() == 2  # torchrun: the ranks on the machine share them
+        monkeypatch.setenv("OMP_NUM_THREADS", "1")
+        assert set_threads() == 1  # the user's cap, as torch itself reads it
+        monkeypatch.setenv("OMP_NUM_THREADS", "8")
+        assert set_threads() == 2  # a cap above the share changes nothing
+        monkeypatch.setenv("OMP_NUM_THREADS", "")
+        assert set_threads() == 2  # set but empty: no cap
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_sharded_batches_split_each_global_batch(monkeypatch):
     from weak2full.data import BalancedBatchSampler
 

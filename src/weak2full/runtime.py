@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
+import os
 import random
 
 import numpy as np
@@ -76,11 +77,18 @@ def set_rng_state(state: dict) -> None:
 
 
 def set_threads(n: int | None = None) -> int:
-    """Intra-op threads for torch on CPU (default: this process's share of its CPUs); returns the number."""
+    """Intra-op threads for torch on CPU; returns the number.
+
+    Default: this process's share of its CPUs, or fewer where the environment sets ``OMP_NUM_THREADS``
+    (the usual knob, which torch itself honours: ``OMP_NUM_THREADS=1`` means one thread, pinned or not).
+    """
     if n is None:
         from weak2full.distributed import local_cpus
 
         n = local_cpus()  # under torchrun, the ranks on this machine share its CPUs
+        asked = os.environ.get("OMP_NUM_THREADS", "").strip()
+        if asked.isdigit() and int(asked) > 0:
+            n = min(n, int(asked))
     torch.set_num_threads(max(1, n))
     return torch.get_num_threads()
 
