@@ -7,7 +7,8 @@ with model selection on its val split; then scores the chosen checkpoint on the 
 bench/heldout.py (100 fresh patients, seed common.seed + 101, every val/test slice annotated):
 
 * oracle, segmenter: dice_pos and fp_slice_rate of the first class of common.classes (`any` by default)
-  at fixed thresholds, and dice_pos by the bleed's area;
+  at fixed thresholds, dice_pos by the bleed's area, and the network read as a slice classifier (AUROC of
+  a slice's highest probability, point_acc of its argmax; bench/heldout.py's `as_classifier`);
 * classifier: AUROC, AP, point_acc, and map Dice at the map threshold that is best on the cohort itself
   (optimistic by a few hundredths, alike for every setting).
 
@@ -32,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 import yaml
-from heldout import cohort, scored_rows
+from heldout import as_classifier, cohort, scored_rows
 
 from weak2full import train
 from weak2full.errors import InvalidParameterError
@@ -76,6 +77,8 @@ def main() -> None:
                     help="the pseudo-masks the segmenter trains on")
     ap.add_argument("--patients", type=int, default=100)
     ap.add_argument("--cache", type=Path, default=Path("data/heldout"))
+    ap.add_argument("--save", type=Path, default=None,
+                    help="keep the trained checkpoint here (an existing one is resumed: resume: true)")
     args = ap.parse_args()
     base = load_params(args.params)
     params = with_overrides(base, args.sets)
@@ -84,7 +87,7 @@ def main() -> None:
     classes = list(params.common.classes)
     row: dict = {"network": args.network, "set": args.sets}
     with tempfile.TemporaryDirectory() as tmp:
-        model_path = Path(tmp) / "model.pt"
+        model_path = args.save or Path(tmp) / "model.pt"
         t0 = time.perf_counter()
         if args.network == "oracle":
             train.run_oracle(params, args.dataset, model_path, live_dir=None)
@@ -105,6 +108,10 @@ def main() -> None:
                 # the first class; read as evaluate reads it (evaluate.flip_tta)
                 prob = predict_masks(model, ds, idx, ip, flip=params.evaluate.flip_tta)[:, 0]
                 truth = truth_mask(ds.annotated_masks(idx), ds.mask_classes, classes[0])
+                # read as a slice classifier too, as bench/heldout.py does: the yardstick for the
+                # heatmap network's AUROC and point_acc
+                label = ds.labels_for(classes)[idx].max(axis=1) > 0
+                row.update({k: round(v, 4) for k, v in as_classifier(prob[:, None], label, truth).items()})
                 for t in THRESHOLDS:
                     row[f"dice_pos, fp_slice_rate @ {t}"] = [round(v, 4) for v in
                                                             dice_pos_and_fp_rate(prob >= t, truth)]
