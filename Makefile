@@ -7,37 +7,44 @@ STAMP := $(VENV)/.weak2full-installed
 # (relative on purpose: DVC experiments run in their own temporary copies).
 export PYTHONPATH := src
 
-.PHONY: run test test-fast bench repro results push clean-outputs
+.PHONY: install run test test-fast bench repro results push clean-outputs
 
-$(STAMP): pyproject.toml
-	@test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	# torch first and alone: pip takes the pinned build from this machine's disk.
-	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
-	$(PY) -m pip install -q -e '.[test]'
-	@touch $(STAMP)
+# The stamp is a copy of the pyproject.toml the virtualenv was installed from: a fresh clone of the same
+# dependencies reuses a shared virtualenv without running pip (a file's date would say every clone is
+# newer), and changed dependencies install again. torch goes first and alone: pip takes the pinned build
+# from this machine's disk.
+install:
+	@if ! cmp -s pyproject.toml $(STAMP); then \
+	  set -e; \
+	  test -x $(PY) || python3 -m venv $(VENV); \
+	  echo "installing the dependencies into $(VENV)"; \
+	  $(PY) -m pip install -q --upgrade pip; \
+	  $(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1; \
+	  $(PY) -m pip install -q -e '.[test]'; \
+	  cp pyproject.toml $(STAMP); \
+	fi
 
 # Make the checkout a git + DVC repo when it is not one (a tarball, say), then run the chain.
-run: $(STAMP)
+run: install
 	@git rev-parse --is-inside-work-tree >/dev/null 2>&1 || (git init -q && git add -A && git -c user.name=weak2full -c user.email=weak2full@localhost commit -qm "initial checkout")
 	@test -d .dvc || $(VENV)/bin/dvc init -q
 	PATH="$(abspath $(VENV))/bin:$$PATH" dvc repro
 	@$(PY) -m weak2full results
 
-test: $(STAMP)
+test: install
 	$(PY) -m pytest -q
 
-test-fast: $(STAMP)
+test-fast: install
 	$(PY) -m pytest -q -m "not slow"
 
 # `make bench BENCH_ARGS=--quick`: the same figures on smaller sizes (bench/run_all.py).
-bench: $(STAMP)
+bench: install
 	$(PY) -m pip install -q -e '.[bench]'
 	$(PY) bench/run_all.py $(BENCH_ARGS)
 
-results: $(STAMP)
+results: install
 	@$(PY) -m weak2full results
 
 # `make push REMOTE=name`: send DVC-tracked outputs (models, datasets, pseudo-labels) to a remote.
-push: $(STAMP)
+push: install
 	PATH="$(abspath $(VENV))/bin:$$PATH" dvc push $(if $(REMOTE),-r $(REMOTE),)
