@@ -12,9 +12,9 @@ selection or calibration), annotates every val/test slice of it, and scores the 
   (`cams.neighbour_weight`) as the cams stage writes them, and the AUROC of each slice alone beside;
 * segmenter and oracle: dice_pos and fp_slice_rate (the threshold in `metrics/evaluate.json`; with the
   test-time flip when `evaluate.flip_tta` is on, as evaluate reads them), and weak_over_full from them;
-  beside them each read as a slice classifier (AUROC of a slice's highest probability, point_acc of its
-  argmax): the oracle's pair is what full pixel supervision gives on this data, a yardstick for the
-  heatmap network's AUROC and point_acc;
+  beside them each read as a slice classifier (AUROC of a slice's highest probability, with the same
+  slice context as the heatmap network's and alone; point_acc of its argmax): the oracle's pair is what
+  full pixel supervision gives on this data, a yardstick for the heatmap network's AUROC and point_acc;
 * cascade: the segmenter with nothing predicted where the heatmap network's slice probability is below
   the gate the evaluate stage chose on val.
 
@@ -97,10 +97,13 @@ def classifier_row(path: Path, method: str, ds: DatasetFile, classes: list[str],
     return {k: r[k] for k in ("auroc", "ap", "point_acc", "map_dice", "auroc_slice_alone")}, slice_prob
 
 
-def segmenter_probs(path: Path, ds: DatasetFile, flip: bool = False) -> np.ndarray:
-    """A segmenter's foreground probabilities (n, K, H, W) on the scored rows, as evaluate reads them."""
+def segmenter_probs(path: Path, ds: DatasetFile, flip: bool = False,
+                    idx: np.ndarray | None = None) -> np.ndarray:
+    """A segmenter's foreground probabilities (n, K, H, W) on rows ``idx`` (default: the scored rows), as
+    evaluate reads them."""
     model, ckpt = load_model(path, arch="segmenter")
-    return predict_masks(model, ds, scored_rows(ds), InputParams(**ckpt["input"]), flip=flip)
+    rows = scored_rows(ds) if idx is None else idx
+    return predict_masks(model, ds, rows, InputParams(**ckpt["input"]), flip=flip)
 
 
 def segmenter_row(prob: np.ndarray, threshold: float, masks: np.ndarray, mask_classes: list[str],
@@ -110,15 +113,28 @@ def segmenter_row(prob: np.ndarray, threshold: float, masks: np.ndarray, mask_cl
     return {**r, "threshold": threshold}
 
 
-def as_classifier(prob: np.ndarray, label: np.ndarray, truth: np.ndarray) -> dict:
+def as_classifier(prob: np.ndarray, label: np.ndarray, truth: np.ndarray,
+                  context: tuple[np.ndarray, np.ndarray, float] | None = None) -> dict:
     """A segmenter read as a slice classifier: ``auroc`` of each slice's highest probability and
     ``point_acc`` of its argmax on the slices whose ``truth`` (n, H, W) holds a bleed (the heatmap network's
     metrics, on the union of the classes), which puts the classifier's figures beside what full
-    supervision gives."""
+    supervision gives.
+
+    With ``context`` = (patient, slice, neighbour_weight) of the rows (whole stacks, sorted), ``auroc`` is
+    read after the slice context the cams stage gives the heatmap network's probabilities
+    (:func:`weak2full.cams.with_slice_context`), so the two AUROCs compare like for like;
+    ``auroc_slice_alone`` is the AUROC without it."""
     union = prob.max(axis=1)  # (n, H, W)
     pos = truth.any(axis=(1, 2))
-    return {"auroc": float(roc_auc_score(label, union.reshape(len(union), -1).max(axis=1))),
-            "point_acc": float(point_hits(union[pos], truth[pos]).mean())}
+    score = union.reshape(len(union), -1).max(axis=1)
+    row = {"auroc": float(roc_auc_score(label, score)),
+           "point_acc": float(point_hits(union[pos], truth[pos]).mean())}
+    if context is not None:
+        patient, slice_index, weight = context
+        row["auroc_slice_alone"] = row["auroc"]
+        row["auroc"] = float(roc_auc_score(label, with_slice_context(score[:, None], patient, slice_index,
+                                                                     weight)[:, 0]))
+    return row
 
 
 def main() -> None:
@@ -165,7 +181,7 @@ def main() -> None:
             prob = segmenter_probs(args.models / file, ds, flip=params.evaluate.flip_tta)
             rows[method] = {**segmenter_row(prob, float(chosen[method]["threshold"]), masks, ds.mask_classes,
                                             classes),
-                            **as_classifier(prob, label, truth)}
+                            **as_classifier(prob, label, truth, (ds.patient[idx], ds.slice[idx], weight))}
             chosen_mask = prob.max(axis=1) >= float(chosen[method]["threshold"])
             per_slice[method] = dice_per_slice(chosen_mask, truth)[pos]
             rows[method]["dice_pos_ci95"] = bootstrap_interval(per_slice[method], weights)
@@ -188,8 +204,8 @@ def main() -> None:
     for method, r in rows.items():
         print(f"| {method} | " + " | ".join(format_cell(r.get(c), c) for c in cols) + " |")
     print(f"\nAUROC with slice context (cams.neighbour_weight {params.cams.neighbour_weight:g}) above; "
-          "of each slice alone: " + ", ".join(f"{m} {rows[m]['auroc_slice_alone']:.3f}"
-                                              for m in ("heatmap", "gap_cam")))
+          "of each slice alone: " + ", ".join(f"{m} {r['auroc_slice_alone']:.3f}"
+                                              for m, r in rows.items() if "auroc_slice_alone" in r))
     interval = format_cell(ratio_ci, "weak_over_full_ci95")
     interval = f" (95% interval over patients {interval})" if interval else ""
     print(f"\nweak_over_full: {ratio:.3f}{interval}")

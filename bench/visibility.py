@@ -11,11 +11,15 @@ visible its bleed is:
 For each network it prints point_acc per bin (the heatmap network's relative map, as `metrics/classifier.json`
 reads it; a segmenter's argmax, as bench/heldout.py's `as_classifier`), the share of "visible" bleeds
 (contrast >= 10 HU and area >= 30 px) and point_acc on them and on the rest, and AUROC with the hard
-positives left out. docs/TUNING.md, Session 18. Networks are name=kind:checkpoint, kind heatmap or
-segmenter (read with the test-time flip when evaluate.flip_tta is on):
+positives left out, and the positives that no network given points at. docs/TUNING.md, Sessions 18 and
+19. Networks are name=kind:checkpoint, kind heatmap or segmenter (read with the test-time flip when
+evaluate.flip_tta is on). `--dataset` with `--split` reads another dataset's annotated slices instead of
+the cohort, e.g. the default test split, where #3's targets are stated:
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/visibility.py heatmap=heatmap:models/classifier.pt \\
         oracle=segmenter:models/oracle.pt segmenter=segmenter:models/segmenter.pt
+    .venv/bin/python bench/visibility.py --dataset data/prepared/dataset.h5 --split test \\
+        heatmap=heatmap:models/classifier.pt oracle=segmenter:models/oracle.pt
 """
 
 from __future__ import annotations
@@ -66,7 +70,7 @@ def network_reading(kind: str, path: Path, ds: DatasetFile, idx: np.ndarray, fli
                                                align_corners=False).numpy()
         return maps.max(axis=1), prob.max(axis=1)
     if kind == "segmenter":
-        union = segmenter_probs(path, ds, flip=flip).max(axis=1)
+        union = segmenter_probs(path, ds, flip=flip, idx=idx).max(axis=1)
         return union, union.reshape(len(union), -1).max(axis=1)
     raise SystemExit(f"{path}: kind {kind!r} is neither heatmap nor segmenter")
 
@@ -86,12 +90,19 @@ def main() -> None:
     ap.add_argument("--params", type=Path, default=Path("params.yaml"))
     ap.add_argument("--patients", type=int, default=100)
     ap.add_argument("--cache", type=Path, default=Path("data/heldout"))
+    ap.add_argument("--dataset", type=Path, default=None,
+                    help="read this dataset.h5 instead of the cohort (with --split)")
+    ap.add_argument("--split", default="test", help="with --dataset: comma-separated splits (default: test)")
     args = ap.parse_args()
     params = load_params(args.params)
-    path = cohort(params, args.patients, params.common.seed + 101, args.cache)
+    path = args.dataset or cohort(params, args.patients, params.common.seed + 101, args.cache)
     hits, scores = {}, {}
     with DatasetFile(path) as ds:
-        idx = scored_rows(ds)
+        if args.dataset is None:
+            idx = scored_rows(ds)
+        else:  # the annotated slices of the splits, sorted (whole patients, as the slice context wants)
+            idx = np.sort(np.concatenate([ds.indices(name) for name in args.split.split(",")]))
+            idx = idx[ds.has_mask[idx]]
         truth = truth_mask(ds.annotated_masks(idx), ds.mask_classes, "any")
         pos = truth.any(axis=(1, 2))
         label = ds.labels_for(list(params.common.classes))[idx].max(axis=1) > 0
@@ -101,7 +112,7 @@ def main() -> None:
             kind, _, file = rest.partition(":")
             maps, scores[name] = network_reading(kind, Path(file), ds, idx, params.evaluate.flip_tta)
             hits[name] = point_hits(maps[pos], truth[pos])
-    print(f"\ncohort {path}: {int(pos.sum())} positive slices; contrast percentiles 10/25/50/75/90 "
+    print(f"\n{path}: {int(pos.sum())} positive slices; contrast percentiles 10/25/50/75/90 "
           f"{np.nanpercentile(contrast, [10, 25, 50, 75, 90]).round(1).tolist()} HU, area "
           f"{np.percentile(area, [10, 25, 50, 75, 90]).round(0).tolist()} px")
     print("\npoint_acc overall: " + ", ".join(f"{n} {h.mean():.3f}" for n, h in hits.items()))
@@ -118,8 +129,20 @@ def main() -> None:
     faint[positives[contrast < 5]] = False
     for name, h in hits.items():
         s = scores[name]
-        print(f"| {name} | {h[visible].mean():.3f} | {h[~visible].mean():.3f} | {roc_auc_score(label, s):.3f} | "
-              f"{roc_auc_score(label[hard], s[hard]):.3f} | {roc_auc_score(label[faint], s[faint]):.3f} |")
+        print(f"| {name} | {h[visible].mean():.3f} | {h[~visible].mean():.3f} | "
+              f"{roc_auc_score(label, s):.3f} | {roc_auc_score(label[hard], s[hard]):.3f} | "
+              f"{roc_auc_score(label[faint], s[faint]):.3f} |")
+    # what a network that pointed wherever any of these does would read: the ceiling these networks show
+    missed = ~np.any(list(hits.values()), axis=0)
+    print(f"\npositives that no network above points at: {int(missed.sum())} of {len(missed)}, so "
+          f"point_acc {1 - missed.mean():.3f} for one that hit every bleed any of them hits")
+    if 0 < missed.sum() <= 20:
+        for c, a in sorted(zip(contrast[missed], area[missed])):
+            print(f"  contrast {c:5.1f} HU, area {int(a):4d} px")
+    elif missed.any():
+        print(f"  their contrast median {np.nanmedian(contrast[missed]):.1f} HU (cohort "
+              f"{np.nanmedian(contrast):.1f}), area median {np.median(area[missed]):.0f} px "
+              f"({np.median(area):.0f})")
 
 
 if __name__ == "__main__":
