@@ -29,18 +29,11 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-from heldout import as_classifier, classifier_scores, segmenter_probs
+from heldout import as_classifier, classifier_scores, segmenter_probs, split_rows
 
 from weak2full import train
 from weak2full.h5 import DatasetFile, truth_mask
 from weak2full.params import Params, load_params
-
-
-def split_rows(ds: DatasetFile, split: str):
-    """Rows of the comma-separated splits, sorted; splits hold whole patients, so every slice has its
-    neighbours for the slice context."""
-    return np.sort(np.concatenate([ds.indices(name) for name in split.split(",")]))
 
 
 def score(path: Path, method: str, dataset: Path, split: str, classes: list[str],

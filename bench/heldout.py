@@ -67,8 +67,15 @@ def cohort(params, patients: int, seed: int, root: Path) -> Path:
     return path
 
 
+def split_rows(ds: DatasetFile, split: str) -> np.ndarray:
+    """Rows of the comma-separated splits (``"test"``, ``"val,test"``), sorted; a split holds whole
+    patients, so every slice has its neighbours for the slice context."""
+    return np.sort(np.concatenate([ds.indices(name) for name in split.split(",")]))
+
+
 def scored_rows(ds: DatasetFile) -> np.ndarray:
-    idx = np.sort(np.concatenate([ds.indices("val"), ds.indices("test")]))
+    """The cohort's scored rows: every annotated val/test slice."""
+    idx = split_rows(ds, "val,test")
     return idx[ds.has_mask[idx]]
 
 

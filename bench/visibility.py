@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from heldout import cohort, scored_rows, segmenter_probs
+from heldout import cohort, scored_rows, segmenter_probs, split_rows
 from scipy import ndimage as ndi
 from sklearn.metrics import roc_auc_score
 
@@ -100,8 +100,8 @@ def main() -> None:
     with DatasetFile(path) as ds:
         if args.dataset is None:
             idx = scored_rows(ds)
-        else:  # the annotated slices of the splits, sorted (whole patients, as the slice context wants)
-            idx = np.sort(np.concatenate([ds.indices(name) for name in args.split.split(",")]))
+        else:
+            idx = split_rows(ds, args.split)
             idx = idx[ds.has_mask[idx]]
         truth = truth_mask(ds.annotated_masks(idx), ds.mask_classes, "any")
         pos = truth.any(axis=(1, 2))
